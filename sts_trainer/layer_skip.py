@@ -1,0 +1,116 @@
+"""Layer Dynamic Skipper (LDS): skip whole decoder layers, forward and backward, during instruction tuning.
+
+A skipped layer is the identity on the residual stream and its module is not called at all: no forward, no
+activations kept for backward, no weight gradient, no hooks (so no ZeRO-3 parameter gather). Skipping works by giving
+each decoder layer a subclass of its own class whose `__call__` returns the hidden states unchanged when the layer is
+marked skipped; the module tree, the parameters and the `state_dict` keys are those of the unpatched model, and
+`remove()` restores the original classes exactly.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def skip_probability(
+    step: int,
+    total_steps: int,
+    layer: int,
+    num_layers: int,
+    alpha: float,
+    epsilon: float,
+    schedule: str = "quadratic",
+) -> float:
+    """Probability that decoder layer `layer` (0-based, of `num_layers`) is skipped at optimizer step `step` of `total_steps`.
+
+        p = alpha * decay(e / E) * (1 + epsilon * (2l - (L - 1)) / (L - 1)),   clamped to [0, 1]
+
+    with `decay` = (1 - e/E)^2 ('quadratic', the paper's), (1 - e/E) ('linear') or 1 ('constant'). The depth factor
+    grows linearly from 1 - epsilon (first layer) to 1 + epsilon (last layer) and averages 1 over the layers, so the
+    mean skip probability at progress t = e/E is alpha * decay(t). A one-layer model has depth factor 1.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}.")
+    remaining = min(max((total_steps - step) / total_steps, 0.0), 1.0)
+    decay = {"quadratic": remaining**2, "linear": remaining, "constant": 1.0}[schedule]
+    depth = 1.0 if num_layers == 1 else 1.0 + epsilon * (2 * layer - (num_layers - 1)) / (num_layers - 1)
+    return min(max(alpha * decay * depth, 0.0), 1.0)
+
+
+def decision_generator(seed: int, step: int, micro_step: int, stream: int = 0) -> torch.Generator:
+    """A generator seeded from (seed, step, micro_step, stream) only: identical on every rank, untouched by the global
+    RNG, and the same after resuming from a checkpoint. `stream` keeps the components' draws independent."""
+    state = np.random.SeedSequence([seed, step, micro_step, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class _SkippableLayer:
+    """Mixed in front of a decoder layer's class. `_sts_skip` is set per instance by `LayerSkipper`."""
+
+    _sts_skip = False
+
+    def __call__(self, *args, **kwargs):
+        if self._sts_skip:
+            return args[0] if args else kwargs["hidden_states"]
+        return super().__call__(*args, **kwargs)
+
+
+_SKIPPABLE_CLASSES: dict[type, type] = {}
+
+
+def _skippable_class(cls: type) -> type:
+    if cls not in _SKIPPABLE_CLASSES:
+        _SKIPPABLE_CLASSES[cls] = type(f"Skippable{cls.__name__}", (_SkippableLayer, cls), {"__module__": cls.__module__})
+    return _SKIPPABLE_CLASSES[cls]
+
+
+class LayerSkipper:
+    """Draws which decoder layers to skip for a micro-batch and makes those layers the identity.
+
+    Use `install()` once, `decide(...)` before each training forward, `clear()` after it, `remove()` at the end.
+    """
+
+    def __init__(self, layers: nn.ModuleList, alpha: float, epsilon: float, schedule: str, seed: int):
+        self.layers = layers
+        self.alpha, self.epsilon, self.schedule, self.seed = alpha, epsilon, schedule, seed
+        self._original_classes: list[type] | None = None
+
+    def install(self) -> None:
+        if self._original_classes is not None:
+            return
+        self._original_classes = [type(layer) for layer in self.layers]
+        for layer in self.layers:
+            layer.__class__ = _skippable_class(type(layer))
+
+    def remove(self) -> None:
+        if self._original_classes is None:
+            return
+        self.clear()
+        for layer, cls in zip(self.layers, self._original_classes):
+            layer.__class__ = cls
+            layer.__dict__.pop("_sts_skip", None)
+        self._original_classes = None
+
+    def probabilities(self, step: int, total_steps: int) -> list[float]:
+        num_layers = len(self.layers)
+        return [
+            skip_probability(step, total_steps, i, num_layers, self.alpha, self.epsilon, self.schedule)
+            for i in range(num_layers)
+        ]
+
+    def decide(self, step: int, total_steps: int, micro_step: int) -> tuple[list[bool], list[float]]:
+        """Mark the layers skipped for this micro-batch; returns the decisions and the probabilities they came from.
+
+        One draw per layer for the whole batch, from `decision_generator(seed, step, micro_step)`, so every rank
+        skips the same layers (distributed engines require it) and a resumed run repeats an uninterrupted one.
+        """
+        probs = self.probabilities(step, total_steps)
+        draws = torch.rand(len(probs), generator=decision_generator(self.seed, step, micro_step))  # (L,)
+        skips = [bool(u < p) for u, p in zip(draws.tolist(), probs)]
+        for layer, skip in zip(self.layers, skips):
+            layer._sts_skip = skip
+        return skips, probs
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer._sts_skip = False

@@ -1,0 +1,138 @@
+"""`STSTrainer`: a drop-in `Trainer` that trains with stage-aware sparsity."""
+
+import contextlib
+import logging
+from collections import defaultdict
+
+from transformers import Trainer, TrainingArguments
+
+from .arguments import STSTrainingArguments
+from .layer_skip import LayerSkipper, decision_generator
+from .stage import SparsityPlan, plan_sparsity
+from .token_compression import TokenCompressor
+
+logger = logging.getLogger("sts_trainer")
+
+# Separate random streams for the two components, both seeded from (seed, step, micro-step).
+_LDS_STREAM, _VTC_STREAM = 0, 1
+
+
+class STSTrainer(Trainer):
+    """`Trainer` with the Sparse Training Scheme.
+
+    When training starts, the stage is resolved from `args.sts_stage` (see `plan_sparsity`) and the components for it
+    are installed: the Visual Token Compressor for alignment, the Layer Dynamic Skipper for instruction tuning. They
+    act only inside training forwards; evaluation, prediction and generation see the dense model. They are removed
+    when training ends. With `sts_stage='none'` this is exactly `Trainer`.
+
+    A plain `TrainingArguments` is accepted and upgraded to `STSTrainingArguments` with every STS option at its default.
+    """
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *trainer_args, **trainer_kwargs):
+        if args is None:
+            args = STSTrainingArguments(output_dir="tmp_trainer")
+        elif not isinstance(args, STSTrainingArguments):
+            args = STSTrainingArguments.from_training_arguments(args)
+        # Decided before Trainer builds its Accelerator, which reads the DDP settings once.
+        if model is not None and plan_sparsity(model, args).lds:
+            _allow_skipped_layers_in_ddp(args)
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.args.should_log and not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+            logger.setLevel(logging.INFO)
+        self.sts_plan: SparsityPlan | None = None
+        self._compressor: TokenCompressor | None = None
+        self._skipper: LayerSkipper | None = None
+        self._sts_step, self._sts_micro_step = -1, 0
+        self._sts_metrics: dict[str, list[float]] = defaultdict(list)
+
+    def train(self, *args, **kwargs):
+        self._install_sts()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._remove_sts()
+
+    def _install_sts(self) -> None:
+        plan = plan_sparsity(self.model, self.args)
+        if plan.lds and self.args.parallel_mode.value == "distributed" and not self.args.ddp_find_unused_parameters:
+            raise ValueError(
+                "LDS is on but this STSTrainer was created when the stage did not call for it, so DDP was set up "
+                "without find_unused_parameters. Pass ddp_find_unused_parameters=True, or set sts_stage explicitly."
+            )
+        args = self.args
+        if plan.vtc:
+            self._compressor = TokenCompressor(
+                plan.parts.model,
+                plan.parts.image_token_id,
+                args.vtc_keep_ratio,
+                args.vtc_strategy,
+                args.vtc_position_ids,
+            )
+            self._compressor.install()
+        if plan.lds:
+            self._skipper = LayerSkipper(plan.parts.layers, args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
+            self._skipper.install()
+        self.sts_plan = plan
+        logger.info(plan.describe(args))
+
+    def _remove_sts(self) -> None:
+        if self._compressor is not None:
+            self._compressor.remove()
+            self._compressor = None
+        if self._skipper is not None:
+            self._skipper.remove()
+            self._skipper = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or (self._compressor is None and self._skipper is None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self._sparse_forward():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _sparse_forward(self):
+        """Switch the components on for one training forward (one micro-batch), then record what they did."""
+        step = self.state.global_step
+        if step != self._sts_step:
+            self._sts_step, self._sts_micro_step = step, 0
+        else:
+            self._sts_micro_step += 1
+        micro_step = self._sts_micro_step
+        if self._skipper is not None:
+            skips, probs = self._skipper.decide(step, self.state.max_steps, micro_step)
+            self._sts_metrics["lds_skipped_fraction"].append(sum(skips) / len(skips))
+            self._sts_metrics["lds_skip_probability"].append(sum(probs) / len(probs))
+        if self._compressor is not None:
+            self._compressor.generator = decision_generator(self.args.seed, step, micro_step, _VTC_STREAM)
+            self._compressor.active = True
+        try:
+            yield
+        finally:
+            if self._skipper is not None:
+                self._skipper.clear()
+            if self._compressor is not None:
+                self._compressor.active = False
+                for stats in self._compressor.stats:
+                    self._sts_metrics["vtc_kept_fraction"].append(stats.kept_tokens / stats.visual_tokens)
+                    self._sts_metrics["vtc_input_length_before"].append(stats.length_before)
+                    self._sts_metrics["vtc_input_length_after"].append(stats.length_after)
+                self._compressor.stats.clear()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry 'loss'; STS metrics are means over the micro-batches since the previous one.
+        if "loss" in logs and self._sts_metrics:
+            logs.update({name: sum(values) / len(values) for name, values in self._sts_metrics.items()})
+            self._sts_metrics.clear()
+        super().log(logs, start_time)
+
+
+def _allow_skipped_layers_in_ddp(args: STSTrainingArguments) -> None:
+    """Skipped layers leave parameters without gradients: DDP must look for them, with non-reentrant checkpointing."""
+    if args.ddp_find_unused_parameters is not True:
+        args.ddp_find_unused_parameters = True
+        logger.info("STS: LDS is on, so ddp_find_unused_parameters=True (skipped layers have no gradient).")
+    ckpt_kwargs = args.activation_checkpointing_kwargs or {}
+    if args.activation_checkpointing and ckpt_kwargs.get("use_reentrant", False):
+        args.activation_checkpointing_kwargs = {**ckpt_kwargs, "use_reentrant": False}
+        logger.info("STS: LDS is on, so activation checkpointing is non-reentrant (needed with skipped layers in DDP).")
