@@ -50,7 +50,7 @@ class _SkippableLayer:
     _sts_skip = False
 
     def __call__(self, *args, **kwargs):
-        if self._sts_skip:
+        if self._sts_skip and self.training:
             return args[0] if args else kwargs["hidden_states"]
         return super().__call__(*args, **kwargs)
 

@@ -52,13 +52,14 @@ def training_args(out_dir, cls=STSTrainingArguments, **overrides):
     return cls(**defaults)
 
 
-def train(model, args, dataset=None, trainer_cls=STSTrainer, padding_side="right", callbacks=()):
+def train(model, args, dataset=None, trainer_cls=STSTrainer, padding_side="right", callbacks=(), eval_dataset=None):
     recorder = LossRecorder()
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=dataset if dataset is not None else tiny_dataset(),
         data_collator=lambda samples: collate(samples, padding_side),
+        eval_dataset=eval_dataset,
         callbacks=[recorder, *callbacks],
     )
     trainer.train()
