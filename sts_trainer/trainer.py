@@ -2,9 +2,12 @@
 
 import contextlib
 import logging
+import os
 from collections import defaultdict
 
-from transformers import Trainer, TrainingArguments
+import torch
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .arguments import STSTrainingArguments
 from .layer_skip import LayerSkipper, decision_generator
@@ -118,6 +121,28 @@ class STSTrainer(Trainer):
                     self._sts_metrics["vtc_input_length_before"].append(stats.length_before)
                     self._sts_metrics["vtc_input_length_after"].append(stats.length_after)
                 self._compressor.stats.clear()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore the weights of a full-model checkpoint through `from_pretrained`, which understands its key names.
+
+        `Trainer` loads the saved state dict non-strictly, and transformers saves some models (LLaVA among them) with
+        legacy key names (`language_model.model.layers...`): nothing matches, only a warning is printed, and training
+        silently goes on from the current weights. Loading through `from_pretrained` converts the keys; the strict
+        `load_state_dict` then guarantees that every weight was restored. PEFT adapters, DeepSpeed and FSDP
+        checkpoints keep Trainer's own path.
+        """
+        model = self.model if model is None else model
+        has_full_weights = any(
+            os.path.isfile(os.path.join(resume_from_checkpoint, name))
+            for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+        )
+        if not isinstance(model, PreTrainedModel) or not has_full_weights or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info(f"STS: restoring the model weights from {resume_from_checkpoint}.")
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        with torch.no_grad():
+            model.load_state_dict(saved.state_dict(), strict=True)
+        del saved
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry 'loss'; STS metrics are means over the micro-batches since the previous one.

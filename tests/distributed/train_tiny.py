@@ -1,0 +1,128 @@
+"""Train a tiny LLaVA with STSTrainer as a user would launch it; record which decoder layers ran.
+
+    python tests/distributed/train_tiny.py --out DIR [--max_steps N] [--save_steps K] [--exit_at_step K] [--resume]
+    torchrun --nproc_per_node 2 tests/distributed/train_tiny.py --out DIR
+    deepspeed --num_gpus 2 tests/distributed/train_tiny.py --out DIR --deepspeed configs/zero3.json
+
+Writes DIR/layers_rank{R}.jsonl: one line per training forward, {"step", "layers": indices of the layers that ran}.
+With --exit_at_step K the process dies (os._exit) right after the checkpoint of step K is written.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from sts_trainer import STSTrainer, STSTrainingArguments  # noqa: E402
+from sts_trainer.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config  # noqa: E402
+
+
+class ExitAfterSave(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            sys.stdout.flush()
+            os._exit(3)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max_steps", type=int, default=6)
+    parser.add_argument("--save_steps", type=int, default=0)
+    parser.add_argument("--exit_at_step", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--deepspeed", default=None)
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--lds_alpha", type=float, default=0.5)
+    parser.add_argument("--lds_schedule", default="constant")
+    parser.add_argument("--activation_checkpointing", action="store_true")
+    cli = parser.parse_args()
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", 0))
+    if cli.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    # Built before the arguments: with ZeRO-3 a from-config model created afterwards is built under zero.Init.
+    model = tiny_llava(seed=0)
+    args = STSTrainingArguments(
+        output_dir=cli.out,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=cli.grad_accum,
+        max_steps=cli.max_steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="steps" if cli.save_steps else "no",
+        save_steps=cli.save_steps or 500,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        deepspeed=cli.deepspeed,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
+        activation_checkpointing=cli.activation_checkpointing,
+        sts_stage="instruction",
+        lds_alpha=cli.lds_alpha,
+        lds_schedule=cli.lds_schedule,
+    )
+    samples = synthetic_samples(64, tiny_llava_config(), (1,), seed=0)
+    trainer = STSTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        data_collator=collate,
+        callbacks=[ExitAfterSave(cli.exit_at_step)] if cli.exit_at_step else [],
+    )
+
+    records = open(os.path.join(cli.out, f"layers_rank{rank}.jsonl"), "a")
+    current = {}
+
+    def start(module, args, kwargs):
+        if module.training:
+            current["record"] = {"step": trainer.state.global_step, "layers": []}
+
+    def ran(index):
+        def hook(module, args, kwargs):
+            if module.training:
+                current["record"]["layers"].append(index)
+
+        return hook
+
+    def finish(module, args, kwargs, output):
+        if module.training:
+            records.write(json.dumps(current["record"]) + "\n")
+            records.flush()
+
+    language_model = model.model.language_model
+    language_model.register_forward_pre_hook(start, with_kwargs=True)
+    language_model.register_forward_hook(finish, with_kwargs=True)
+    for i, layer in enumerate(language_model.layers):
+        layer.register_forward_pre_hook(ran(i), with_kwargs=True)
+
+    os.makedirs(cli.out, exist_ok=True)
+    trainer.train(resume_from_checkpoint=True if cli.resume else None)
+    trainer.save_model(os.path.join(cli.out, "final"))
+    if trainer.is_world_process_zero():
+        with open(os.path.join(cli.out, "result.json"), "w") as f:
+            json.dump({"global_step": trainer.state.global_step, "world_size": args.world_size}, f)
+    records.close()
+    # gloo process groups sometimes abort at interpreter exit after a finished run; end cleanly instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
+
+from sts_trainer import STSTrainer, skip_probability
+from sts_trainer.layer_skip import LayerSkipper, decision_generator
+from sts_trainer.tiny import tiny_llava
+
+from .helpers import plain_training_args, train, training_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tests", "distributed", "train_tiny.py")
+
+
+def layers_of(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.language_model.layers
+
+
+# ---- the schedule --------------------------------------------------------------------------------------------------
+
+
+def test_schedule_start_middle_end():
+    L, E = 32, 1000
+    # start: alpha times the depth factor, from 1 - eps (first layer) to 1 + eps (last layer)
+    assert skip_probability(0, E, 0, L, 0.5, 0.5) == pytest.approx(0.25)
+    assert skip_probability(0, E, L - 1, L, 0.5, 0.5) == pytest.approx(0.75)
+    # middle: quadratic decay (1/2)^2 = 1/4; linear 1/2; constant 1
+    assert skip_probability(500, E, L - 1, L, 0.5, 0.5) == pytest.approx(0.75 / 4)
+    assert skip_probability(500, E, L - 1, L, 0.5, 0.5, "linear") == pytest.approx(0.75 / 2)
+    assert skip_probability(500, E, L - 1, L, 0.5, 0.5, "constant") == pytest.approx(0.75)
+    # end: dense
+    assert all(skip_probability(E, E, l, L, 0.5, 0.5) == 0.0 for l in range(L))
+    assert skip_probability(E, E, 3, L, 0.5, 0.5, "constant") > 0
+
+
+def test_schedule_depth_factor_and_layer_mean():
+    L, E, alpha, eps = 12, 100, 0.5, 0.5
+    for e in (0, 10, 37, 50, 99):
+        probs = [skip_probability(e, E, l, L, alpha, eps) for l in range(L)]
+        assert sum(probs) / L == pytest.approx(alpha * (1 - e / E) ** 2)
+        steps = [b - a for a, b in zip(probs, probs[1:])]
+        assert all(s == pytest.approx(steps[0]) and s >= 0 for s in steps)  # linear in depth
+    # the depth factor at layer l: 1 + eps * (2l - (L - 1)) / (L - 1)
+    assert skip_probability(0, E, 4, L, 1.0, 0.3, "constant") == pytest.approx(1 + 0.3 * (8 - 11) / 11)
+    # clamped to [0, 1]; one layer has depth factor 1; no slope with eps 0
+    assert skip_probability(0, E, L - 1, L, 1.0, 1.0) == 1.0
+    assert skip_probability(0, E, 0, 1, 0.4, 0.5) == pytest.approx(0.4)
+    assert len({skip_probability(5, E, l, L, 0.5, 0.0) for l in range(L)}) == 1
+    # the whole-stage mean with the quadratic schedule tends to alpha / 3
+    mean = sum(skip_probability(e, 10_000, l, L, alpha, eps) for e in range(0, 10_000, 7) for l in range(L))
+    assert mean / (L * len(range(0, 10_000, 7))) == pytest.approx(alpha / 3, rel=1e-2)
+
+
+def test_decisions_are_seeded_per_step_and_leave_the_global_rng_alone():
+    skipper = LayerSkipper(layers_of(tiny_llava()), alpha=0.5, epsilon=0.5, schedule="constant", seed=7)
+    skipper.install()
+    state = torch.random.get_rng_state()
+    a, probs = skipper.decide(3, 10, 0)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert skipper.decide(3, 10, 0)[0] == a
+    draws = [tuple(skipper.decide(s, 10, m)[0]) for s in range(20) for m in range(2)]
+    assert len(set(draws)) > 4  # decisions change with step and micro-step
+    # p = 0 never skips, p = 1 always skips
+    skipper.alpha, skipper.epsilon = 1.0, 1.0
+    for step in range(20):
+        skips, probs = skipper.decide(step, 1000, 0)
+        assert probs[0] == 0.0 and not skips[0]
+        assert probs[-1] == 1.0 and skips[-1]
+    skipper.remove()
+
+
+def test_patching_is_reversible_and_keeps_state_dict_keys_and_eval_logits():
+    model = tiny_llava()
+    reference = tiny_llava()
+    reference.load_state_dict(model.state_dict())
+    classes = [type(layer) for layer in layers_of(model)]
+    skipper = LayerSkipper(layers_of(model), 1.0, 0.0, "constant", seed=0)
+    skipper.install()
+    assert list(model.state_dict()) == list(reference.state_dict())
+    skipper.decide(0, 10, 0)  # every layer marked skipped
+    ids = torch.randint(1, 100, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)
+    model.train()
+    hidden = torch.randn(2, 5, 64)
+    assert layers_of(model)[1](hidden) is hidden  # training: identity
+    skipper.remove()
+    assert [type(layer) for layer in layers_of(model)] == classes
+    assert all("_sts_skip" not in vars(layer) for layer in layers_of(model))
+
+
+# ---- in training ---------------------------------------------------------------------------------------------------
+
+
+def test_alpha_zero_trains_exactly_like_trainer(out_dir):
+    models = [tiny_llava(seed=3), tiny_llava(seed=3)]
+    _, plain = train(models[0], plain_training_args(out_dir), trainer_cls=Trainer)
+    trainer, sts = train(models[1], training_args(out_dir, lds_alpha=0.0))
+    assert trainer.sts_plan.lds
+    assert plain.losses == sts.losses
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    assert all(log["lds_skipped_fraction"] == 0 for log in sts.logs if "loss" in log)
+
+
+class GradientProbe(TrainerCallback):
+    def __init__(self, layers):
+        self.layers = layers
+        self.has_grad = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.has_grad.append([any(p.grad is not None for p in layer.parameters()) for layer in self.layers])
+
+
+def count_forward_calls(layers):
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        original = layer.forward
+
+        def counted(*args, _i=i, _original=original, **kwargs):
+            calls[_i] += 1
+            return _original(*args, **kwargs)
+
+        layer.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_layer_with_probability_one_never_runs_and_gets_no_gradient(out_dir, lora):
+    model = tiny_llava()
+    if lora:
+        for p in model.parameters():
+            p.requires_grad = False
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
+    layers = layers_of(model)
+    calls = count_forward_calls(layers)
+    probe = GradientProbe(layers)
+    # alpha 1, eps 1, constant: p = 0 for the first layer, 1 for the last
+    args = training_args(out_dir, max_steps=5, lds_alpha=1.0, lds_epsilon=1.0, lds_schedule="constant")
+    trainer, recorder = train(model, args, callbacks=[probe])
+    assert trainer.sts_plan.lds and len(probe.has_grad) == 5
+    assert calls[0] == 5 and calls[-1] == 0
+    assert all(step[0] and not step[-1] for step in probe.has_grad)
+    fractions = [log["lds_skipped_fraction"] for log in recorder.logs if "loss" in log]
+    assert all(0.25 <= f <= 0.75 for f in fractions)  # the last layer always, the first never
+    # depth factors 0, 2/3, 4/3, 2 clamped to 0, 2/3, 1, 1
+    assert [log["lds_skip_probability"] for log in recorder.logs if "loss" in log] == pytest.approx([2 / 3] * 5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(out_dir):
+    class CheckpointingProbe(TrainerCallback):
+        active = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.active = [layer.gradient_checkpointing for layer in layers_of(model)]
+
+    models = [tiny_llava(seed=4), tiny_llava(seed=4)]
+    args = dict(max_steps=4, lds_schedule="constant")
+    _, plain = train(models[0], training_args(out_dir, **args))
+    calls = [0] * 4
+    for i, layer in enumerate(layers_of(models[1])):
+        layer.register_forward_pre_hook(lambda module, inputs, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+    probe = CheckpointingProbe()
+    _, ckpt = train(models[1], training_args(out_dir, activation_checkpointing=True, **args), callbacks=[probe])
+    assert probe.active == [True] * 4
+    assert plain.losses == pytest.approx(ckpt.losses, abs=1e-6)
+    assert sum(calls) < 4 * 4  # skipped layers were not called
+
+
+def test_evaluation_during_training_is_dense(out_dir):
+    class EvalCheck(TrainerCallback):
+        def __init__(self):
+            self.checked = 0
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            # layers are patched now; eval mode must give the unpatched model's logits
+            reference = tiny_llava()
+            reference.load_state_dict(model.state_dict())
+            ids = torch.randint(1, 100, (2, 10))
+            model.eval()
+            with torch.no_grad():
+                assert torch.equal(model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)
+            model.train()
+            self.checked += 1
+
+    check = EvalCheck()
+    train(tiny_llava(), training_args(out_dir, max_steps=2, lds_alpha=1.0, lds_schedule="constant"), callbacks=[check])
+    assert check.checked == 2
+
+
+def test_checkpoint_loads_in_plain_transformers(out_dir):
+    model = tiny_llava()
+    train(model, training_args(out_dir, max_steps=4, save_strategy="steps", save_steps=2, lds_alpha=0.8))
+    reloaded = LlavaForConditionalGeneration.from_pretrained(os.path.join(out_dir, "checkpoint-4"))
+    assert list(reloaded.state_dict()) == list(tiny_llava().state_dict())
+    ids = torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_resume_restores_the_checkpoint_weights(out_dir):
+    trained = tiny_llava(seed=0)
+    train(trained, training_args(out_dir, max_steps=2, save_strategy="steps", save_steps=2))
+    checkpoint = os.path.join(out_dir, "checkpoint-2")
+    fresh = tiny_llava(seed=9)
+    trainer = STSTrainer(model=fresh, args=training_args(out_dir))
+    trainer._load_from_checkpoint(checkpoint)
+    # compare with the checkpoint as plain transformers reads it: a silent non-strict load would leave seed-9 weights
+    saved = LlavaForConditionalGeneration.from_pretrained(checkpoint).state_dict()
+    assert all(torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)
+    assert all(torch.equal(fresh.state_dict()[k], trained.state_dict()[k]) for k in saved)
+
+
+def run_script(out, *extra, launcher=(), timeout=600):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [*launcher, SCRIPT, "--out", str(out), *extra] if launcher else [sys.executable, SCRIPT, "--out", str(out), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
+    common = ["--max_steps", "6", "--save_steps", "3", "--grad_accum", "2"]
+    full = run_script(tmp_path / "full", *common)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_script(tmp_path / "resumed", *common, "--exit_at_step", "3")
+    assert killed.returncode == 3, killed.stderr[-3000:]  # died right after writing checkpoint-3
+    assert not (tmp_path / "resumed" / "final").exists()
+    resumed = run_script(tmp_path / "resumed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    uninterrupted = read_records(tmp_path / "full" / "layers_rank0.jsonl")
+    pieced = read_records(tmp_path / "resumed" / "layers_rank0.jsonl")
+    assert len(uninterrupted) == 12  # 6 steps x 2 micro-batches
+    assert pieced == uninterrupted  # same skip decisions, step for step
+    assert any(len(r["layers"]) < 4 for r in uninterrupted)
+    final_full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    final_resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert final_full.keys() == final_resumed.keys()
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+# ---- two processes ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "launcher_name, extra",
+    [
+        ("torchrun", []),
+        ("torchrun", ["--activation_checkpointing"]),
+        ("deepspeed", ["--deepspeed", "configs/zero2.json"]),
+        ("deepspeed", ["--deepspeed", "configs/zero3.json"]),
+    ],
+    ids=["ddp", "ddp-checkpointing", "zero2", "zero3"],
+)
+def test_two_ranks_make_identical_decisions(tmp_path, launcher_name, extra):
+    bin_dir = os.path.dirname(sys.executable)
+    if launcher_name == "torchrun":
+        launcher = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", "2", "--master_port", "29611"]
+    else:
+        launcher = [os.path.join(bin_dir, "deepspeed"), "--num_gpus", "2", "--master_port", "29612"]
+    result = run_script(tmp_path, "--max_steps", "6", *extra, launcher=launcher)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert json.loads((tmp_path / "result.json").read_text()) == {"global_step": 6, "world_size": 2}
+    rank0 = read_records(tmp_path / "layers_rank0.jsonl")
+    rank1 = read_records(tmp_path / "layers_rank1.jsonl")
+    assert len(rank0) == 6 and rank0 == rank1
+    assert any(len(r["layers"]) < 4 for r in rank0)  # layers were skipped
+    assert (tmp_path / "final" / "model.safetensors").exists()
