@@ -1,0 +1,242 @@
+"""Analytic FLOPs of one training step of a LLaVA-style model, dense and with STS sparsity.
+
+The model is vision tower -> projector -> decoder LLM -> LM head (a text-only causal LM is the same without the first
+two). Counting rules, chosen so the numbers match `torch.utils.flop_counter.FlopCounterMode`:
+
+- A matmul (m x k) @ (k x n) costs 2 * m * k * n FLOPs. Only matmuls are counted (the patch-embedding convolution is
+  a matmul over patches): norms, activations, softmax, rotary embeddings, residual adds and the loss are a few
+  percent of a step at most and are ignored.
+- Attention scores Q K^T and the weighted sum A V are counted over the full S x S square although the decoder is
+  causal: dense kernels (eager, SDPA math, cuBLAS) compute the full square, and flash kernels are credited with it
+  by the FLOP counters users compare against. MFU figures in the literature use the same convention.
+- Backward of a matmul with a weight: the gradient with respect to its input (the "activation gradient") costs 1x its
+  forward and is paid when anything trainable lies before it; the gradient with respect to its weight costs 1x its
+  forward and is paid when that weight trains. An attention-score matmul has no weight but two activation operands,
+  so its backward costs 2x its forward whenever gradients flow through it.
+- The parts are chained, so gradients flow through a part when it or any part before it trains. In alignment (only the
+  projector trains) the frozen LLM and LM head pay activation gradients but no weight gradients, and the frozen vision
+  tower before everything trainable pays no backward at all. The first matmul of a part sees the part's input, which
+  needs a gradient only when something before the part trains (the vision tower's first matmul sees pixels: never).
+  The LLM's input needs one when the LLM trains (its token embeddings train with it) or anything before it trains.
+- The vision tower runs all its layers, but LLaVA reads the hidden state of `vision_feature_layer` (-2 for LLaVA-1.5):
+  layers above it get no gradient, so they cost forward FLOPs only.
+
+STS enters in two places: VTC shortens the LLM sequence (`kept_visual_tokens_per_image`; the vision tower and the
+projector still see every token), and LDS runs fewer decoder layers (`executed_layers`; a skipped layer costs
+nothing, forward or backward). Per-layer cost is the same for every layer, so an expected number of executed layers
+gives the expected FLOPs exactly.
+"""
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+from .layer_skip import skip_probability
+
+PARTS = ("vision", "projector", "llm_layers", "lm_head")
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """The shape of one training step (one micro-batch) and which parts of the model train.
+
+    Every sample has `text_tokens_per_sample` text tokens (padding included: padded tokens are computed like any
+    other) and `images_per_sample` images, each giving `visual_tokens_per_image` tokens to the LLM without compression,
+    so the dense LLM sequence has S = text_tokens_per_sample + images_per_sample * visual_tokens_per_image tokens.
+    """
+
+    batch_size: int
+    text_tokens_per_sample: int
+    images_per_sample: int = 0
+    visual_tokens_per_image: int = 0
+    train_vision: bool = False
+    train_projector: bool = False
+    train_llm: bool = False  # decoder layers, token embeddings and LM head
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.text_tokens_per_sample < 0 or self.images_per_sample < 0:
+            raise ValueError(f"A step needs batch_size >= 1 and non-negative token and image counts, got {self}.")
+        if self.images_per_sample and self.visual_tokens_per_image < 1:
+            raise ValueError(f"Images need visual_tokens_per_image >= 1, got {self.visual_tokens_per_image}.")
+
+
+@dataclass(frozen=True)
+class _PartCost:
+    """Forward FLOPs of one part, split by how their backward is paid."""
+
+    weight: float  # matmuls with a weight: x @ W
+    score: float = 0.0  # attention-score matmuls (Q K^T, A V): no weight, two activation operands
+    entry: float = 0.0  # the share of `weight` whose input is the part's input
+    forward_only: float = 0.0  # matmuls whose output does not reach the loss (vision layers above the feature layer)
+
+    def total(self, trains: bool, upstream_trains: bool) -> float:
+        """forward + backward: weight grads if `trains`; activation grads where something before them trains."""
+        flows = trains or upstream_trains
+        weight_grads = self.weight if trains else 0.0
+        input_grads = (self.weight - self.entry) * flows + self.entry * upstream_trains
+        score_grads = 2.0 * self.score * flows
+        return self.weight + self.score + self.forward_only + weight_grads + input_grads + score_grads
+
+
+def _matmul(m: float, k: float, n: float) -> float:
+    return 2.0 * m * k * n
+
+
+def _attention(tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> tuple[float, float]:
+    """Forward FLOPs of one self-attention over one sequence: (projections, scores).
+
+    q, o: 2 S h (H d) each; k, v: 2 S h (H_kv d) each (grouped-query attention shares K/V heads);
+    scores: Q K^T and A V, 2 H S^2 d each, over the full S x S square.
+    """
+    projections = 2 * _matmul(tokens, hidden, heads * head_dim) + 2 * _matmul(tokens, hidden, kv_heads * head_dim)
+    scores = 2 * _matmul(tokens, head_dim, tokens) * heads
+    return projections, scores
+
+
+def _vision_config(config: PretrainedConfig) -> PretrainedConfig | None:
+    vision = getattr(config, "vision_config", None)  # None: a text-only LLM
+    if vision is not None and vision.model_type != "clip_vision_model":
+        raise ValueError(
+            f"sts_trainer.flops knows the CLIP vision tower only, not {vision.model_type!r}; "
+            "add its per-layer costs to `_vision_cost`."
+        )
+    return vision
+
+
+def _feature_layers(config: PretrainedConfig) -> list[int]:
+    layer = config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def visual_tokens_per_image(config: PretrainedConfig) -> int:
+    """Tokens one image gives the LLM: (image_size / patch_size)^2 patches, plus the CLS token when
+    `vision_feature_select_strategy` is 'full' ('default' drops it). LLaVA-1.5: (336 / 14)^2 = 576."""
+    vision = _vision_config(config)
+    if vision is None:
+        return 0
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (config.vision_feature_select_strategy == "full")
+
+
+def _vision_cost(config: PretrainedConfig, images: int) -> _PartCost:
+    """CLIP ViT over `images` images of P patches + 1 CLS token (S_v = P + 1) with N layers of width h, MLP width I:
+
+        patch embedding (a convolution = matmul over patches): 2 P (3 p^2) h
+        per layer: attention (4 projections h x h, scores 4 S_v^2 h) + MLP (fc1, fc2): 2 * 2 S_v h I
+
+    Layers above the deepest `vision_feature_layer` are forward only.
+    """
+    vision = _vision_config(config)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    tokens = patches + 1  # CLIP prepends a class token
+    hidden, heads = vision.hidden_size, vision.num_attention_heads
+    projections, scores = _attention(tokens, hidden, heads, heads, hidden // heads)
+    layer_weight = (projections + 2 * _matmul(tokens, hidden, vision.intermediate_size)) * images
+    layer_score = scores * images
+    patch_embedding = _matmul(patches, vision.num_channels * vision.patch_size**2, hidden) * images
+    # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i: layers 1..i reach the loss.
+    num_layers = vision.num_hidden_layers
+    used = max(layer % (num_layers + 1) for layer in _feature_layers(config))
+    return _PartCost(
+        weight=patch_embedding + used * layer_weight,
+        score=used * layer_score,
+        entry=patch_embedding,
+        forward_only=(num_layers - used) * (layer_weight + layer_score),
+    )
+
+
+def _projector_cost(config: PretrainedConfig, tokens: int) -> _PartCost:
+    """LLaVA projector linear_1 (h_v * n_feature_layers -> h) - act - linear_2 (h -> h) over `tokens` visual tokens:
+
+        2 T (h_v n_f) h + 2 T h h
+    """
+    text_hidden = config.get_text_config().hidden_size
+    first = _matmul(tokens, config.vision_config.hidden_size * len(_feature_layers(config)), text_hidden)
+    return _PartCost(weight=first + _matmul(tokens, text_hidden, text_hidden), entry=first)
+
+
+def _decoder_layer_cost(text: PretrainedConfig, batch_size: int, tokens: int) -> _PartCost:
+    """One llama-like decoder layer (Llama, Mistral, Qwen2, Qwen3: the LLMs sts_trainer supports) over `batch_size`
+    sequences of S = `tokens` tokens, width h, H heads of size d, H_kv key/value heads, MLP width I:
+
+        attention: 2 S h (H d) for q and o, 2 S h (H_kv d) for k and v, 4 H S^2 d for the scores
+        gated MLP (gate, up, down): 3 * 2 S h I
+    """
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads  # Qwen2Config has no head_dim
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    projections, scores = _attention(tokens, text.hidden_size, heads, kv_heads, head_dim)
+    mlp = 3 * _matmul(tokens, text.hidden_size, text.intermediate_size)
+    return _PartCost(weight=(projections + mlp) * batch_size, score=scores * batch_size)
+
+
+def step_flops(
+    config: PretrainedConfig,
+    step: TrainingStep,
+    kept_visual_tokens_per_image: int | None = None,
+    executed_layers: float | None = None,
+) -> dict[str, float]:
+    """FLOPs of one training step (forward + backward) of the model described by `config`, per part and in total.
+
+    `config` is a LLaVA config (with `vision_config` and `text_config`) or a text-only decoder config (Llama, Qwen2,
+    ...; then `step` must have no images). Dense by default; STS sparsity is given by
+    - `kept_visual_tokens_per_image`: VTC, the LLM sees S' = text + images * kept tokens per sample, while the vision
+      tower and the projector still process all `step.visual_tokens_per_image` tokens;
+    - `executed_layers`: LDS, how many decoder layers run (an expected value may be fractional); skipped layers cost
+      nothing, forward or backward.
+
+    Returns {'vision', 'projector', 'llm_layers', 'lm_head', 'total'} in FLOPs.
+    """
+    text = config.get_text_config()
+    num_layers = text.num_hidden_layers
+    kept = step.visual_tokens_per_image if kept_visual_tokens_per_image is None else kept_visual_tokens_per_image
+    layers = num_layers if executed_layers is None else executed_layers
+    if step.images_per_sample and not 1 <= kept <= step.visual_tokens_per_image:
+        raise ValueError(f"kept_visual_tokens_per_image={kept} must be in [1, {step.visual_tokens_per_image}].")
+    if not 0 <= layers <= num_layers:
+        raise ValueError(f"executed_layers={layers} must be in [0, {num_layers}].")
+    images = step.batch_size * step.images_per_sample
+    if images and _vision_config(config) is None:
+        raise ValueError(f"{type(config).__name__} has no vision tower, but the step has {images} images.")
+    llm_tokens = step.text_tokens_per_sample + step.images_per_sample * kept  # S' per sample
+
+    flops = dict.fromkeys(PARTS, 0.0)
+    if images:
+        flops["vision"] = _vision_cost(config, images).total(step.train_vision, upstream_trains=False)
+        flops["projector"] = _projector_cost(config, images * step.visual_tokens_per_image).total(
+            step.train_projector, upstream_trains=step.train_vision
+        )
+    upstream = step.train_vision or step.train_projector
+    # The LLM's input needs a gradient when its token embeddings train (they train with the LLM) or anything before it.
+    flops["llm_layers"] = layers * _decoder_layer_cost(text, step.batch_size, llm_tokens).total(
+        step.train_llm, upstream_trains=upstream or step.train_llm
+    )
+    # logits at every position: LLaVA and causal LMs in training compute them all (logits_to_keep=0)
+    lm_head = _PartCost(weight=_matmul(step.batch_size * llm_tokens, text.hidden_size, text.vocab_size))
+    flops["lm_head"] = lm_head.total(step.train_llm, upstream_trains=upstream or step.train_llm)
+    flops["total"] = sum(flops[part] for part in PARTS)
+    return flops
+
+
+def expected_executed_fraction(
+    num_layers: int,
+    total_steps: int,
+    alpha: float,
+    epsilon: float,
+    schedule: str = "quadratic",
+) -> float:
+    """Expected fraction of decoder layers LDS runs over a stage of `total_steps` optimizer steps:
+
+        1 - 1 / (E L) * sum_{e=0}^{E-1} sum_{l=0}^{L-1} p_l(e),
+        p_l(e) = clamp(alpha * decay(e / E) * (1 + eps * (2l - (L - 1)) / (L - 1)), 0, 1)
+
+    with `skip_probability` itself, so clamping and the schedule are exactly the trainer's. Steps are the trainer's
+    `global_step` values 0..E-1. Without clamping the quadratic schedule gives 1 - alpha (E + 1)(2E + 1) / (6 E^2),
+    which tends to 1 - alpha / 3 for long stages (0.833 with alpha = 0.5).
+    """
+    skipped = sum(
+        skip_probability(step, total_steps, layer, num_layers, alpha, epsilon, schedule)
+        for step in range(total_steps)
+        for layer in range(num_layers)
+    )
+    return 1.0 - skipped / (total_steps * num_layers)
