@@ -240,3 +240,24 @@ def expected_executed_fraction(
         for layer in range(num_layers)
     )
     return 1.0 - skipped / (total_steps * num_layers)
+
+
+def micro_batch_flops(
+    config: PretrainedConfig,
+    batch_size: int,
+    llm_length: int,
+    images: int,
+    train_vision: bool,
+    train_projector: bool,
+    train_llm: bool,
+    executed_layers: float | None = None,
+) -> float:
+    """FLOPs of one micro-batch as the trainer ran it: `images` images through the vision tower and projector, and a
+    (batch_size, llm_length) sequence, padding included, through `executed_layers` decoder layers and the LM head."""
+    flags = dict(train_vision=train_vision, train_projector=train_projector, train_llm=train_llm)
+    total = 0.0
+    if images:
+        vision = step_flops(config, TrainingStep(images, 0, 1, visual_tokens_per_image(config), **flags))
+        total += vision["vision"] + vision["projector"]
+    text = step_flops(config, TrainingStep(batch_size, llm_length, **flags), executed_layers=executed_layers)
+    return total + text["llm_layers"] + text["lm_head"]

@@ -10,7 +10,10 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .arguments import STSTrainingArguments
+from .callbacks import SavingsReportCallback
+from .flops import micro_batch_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, decision_generator
+from .savings import MicroBatchRecord, SavingsLedger
 from .stage import SparsityPlan, plan_sparsity
 from .token_compression import TokenCompressor
 
@@ -48,6 +51,10 @@ class STSTrainer(Trainer):
         self._skipper: LayerSkipper | None = None
         self._sts_step, self._sts_micro_step = -1, 0
         self._sts_metrics: dict[str, list[float]] = defaultdict(list)
+        self.sts_ledger: SavingsLedger | None = None
+        self._sts_report: SavingsReportCallback | None = None
+        self._sts_hooks = []
+        self._sts_micro_batch: dict | None = None  # what the current training micro-batch ran, for its FLOPs
 
     def train(self, *args, **kwargs):
         self._install_sts()
@@ -77,9 +84,22 @@ class STSTrainer(Trainer):
             self._skipper = LayerSkipper(plan.parts.layers, args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
             self._skipper.install()
         self.sts_plan = plan
+        if plan.vtc or plan.lds:
+            self.sts_ledger = SavingsLedger(plan.stage)
+            self._sts_report = SavingsReportCallback(self.sts_ledger)
+            self.add_callback(self._sts_report)
+            self._sts_hooks.append(
+                plan.parts.language_model.register_forward_pre_hook(self._record_llm_length, with_kwargs=True)
+            )
+            self._sts_trains = _trainable_parts(plan.parts)
         logger.info(plan.describe(args))
 
     def _remove_sts(self) -> None:
+        for handle in self._sts_hooks:
+            handle.remove()
+        self._sts_hooks.clear()
+        if self._sts_report is not None:
+            self.remove_callback(self._sts_report)
         if self._compressor is not None:
             self._compressor.remove()
             self._compressor = None
@@ -90,11 +110,11 @@ class STSTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or (self._compressor is None and self._skipper is None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self._sparse_forward():
+        with self._sparse_forward(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     @contextlib.contextmanager
-    def _sparse_forward(self):
+    def _sparse_forward(self, inputs):
         """Switch the components on for one training forward (one micro-batch), then record what they did."""
         step = self.state.global_step
         if step != self._sts_step:
@@ -102,9 +122,16 @@ class STSTrainer(Trainer):
         else:
             self._sts_micro_step += 1
         micro_step = self._sts_micro_step
+        parts = self.sts_plan.parts
+        input_ids = inputs["input_ids"]  # (B, L) before compression
+        record = {"step": step, "batch_size": input_ids.shape[0], "dense_length": input_ids.shape[1]}
+        record["visual_tokens"] = int((input_ids == parts.image_token_id).sum()) if parts.is_multimodal else 0
+        self._sts_micro_batch = record
         if self._skipper is not None:
             skips, probs = self._skipper.decide(step, self.state.max_steps, micro_step)
-            self._sts_metrics["lds_skipped_fraction"].append(sum(skips) / len(skips))
+            record.update(executed_layers=len(skips) - sum(skips), skip_probabilities=probs)
+            record["skipped_fraction"] = sum(skips) / len(skips)
+            self._sts_metrics["lds_skipped_fraction"].append(record["skipped_fraction"])
             self._sts_metrics["lds_skip_probability"].append(sum(probs) / len(probs))
         if self._compressor is not None:
             self._compressor.generator = decision_generator(self.args.seed, step, micro_step, _VTC_STREAM)
@@ -117,7 +144,8 @@ class STSTrainer(Trainer):
             if self._compressor is not None:
                 self._compressor.active = False
                 for stats in self._compressor.stats:
-                    self._sts_metrics["vtc_kept_fraction"].append(stats.kept_tokens / stats.visual_tokens)
+                    record["kept_fraction"] = stats.kept_tokens / stats.visual_tokens
+                    self._sts_metrics["vtc_kept_fraction"].append(record["kept_fraction"])
                     self._sts_metrics["vtc_input_length_before"].append(stats.length_before)
                     self._sts_metrics["vtc_input_length_after"].append(stats.length_after)
                 self._compressor.stats.clear()
@@ -144,12 +172,66 @@ class STSTrainer(Trainer):
             model.load_state_dict(saved.state_dict(), strict=True)
         del saved
 
+    def _record_llm_length(self, module, args, kwargs):
+        """The sequence length the language model really receives (after VTC), for the actual FLOPs."""
+        if self._sts_micro_batch is not None and module.training:
+            embeds = kwargs.get("inputs_embeds")
+            self._sts_micro_batch["llm_length"] = (embeds if embeds is not None else kwargs["input_ids"]).shape[1]
+
+    def floating_point_ops(self, inputs) -> int:
+        """Actual FLOPs of the micro-batch just trained (kept tokens, executed layers), from `flops.py`'s count.
+
+        Trainer sums these into `state.total_flos`. Without STS components this is Trainer's own estimate.
+        """
+        record, self._sts_micro_batch = self._sts_micro_batch, None
+        if record is None or self.sts_ledger is None:
+            return super().floating_point_ops(inputs)
+        config = self.sts_plan.parts.model.config
+        images = record["visual_tokens"] // visual_tokens_per_image(config) if record["visual_tokens"] else 0
+        common = dict(config=config, batch_size=record["batch_size"], images=images, **self._sts_trains)
+        dense = micro_batch_flops(llm_length=record["dense_length"], **common)
+        actual = micro_batch_flops(
+            llm_length=record.get("llm_length", record["dense_length"]),
+            executed_layers=record.get("executed_layers"),
+            **common,
+        )
+        self.sts_ledger.add(
+            MicroBatchRecord(
+                step=record["step"],
+                dense_flops=dense,
+                actual_flops=actual,
+                kept_fraction=record.get("kept_fraction"),
+                skipped_fraction=record.get("skipped_fraction"),
+                skip_probabilities=record.get("skip_probabilities"),
+            )
+        )
+        self._sts_metrics["sts_flops_dense"].append(dense)
+        self._sts_metrics["sts_flops_actual"].append(actual)
+        return int(actual)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry 'loss'; STS metrics are means over the micro-batches since the previous one.
         if "loss" in logs and self._sts_metrics:
-            logs.update({name: sum(values) / len(values) for name, values in self._sts_metrics.items()})
-            self._sts_metrics.clear()
+            metrics = self._sts_metrics
+            flops = {name: sum(metrics.pop(name)) for name in ("sts_flops_dense", "sts_flops_actual") if name in metrics}
+            logs.update({name: sum(values) / len(values) for name, values in metrics.items()})
+            if flops:
+                logs.update(flops)
+                logs["sts_flops_saving"] = 1.0 - flops["sts_flops_actual"] / flops["sts_flops_dense"]
+            metrics.clear()
         super().log(logs, start_time)
+
+
+def _trainable_parts(parts) -> dict[str, bool]:
+    """Which parts train, for the FLOPs count: projector, language model, and anything else (the vision side)."""
+    projector = {id(p) for p in parts.projector.parameters()} if parts.projector is not None else set()
+    language_model = {id(p) for p in parts.language_model_parameters()}
+    trains = {"train_vision": False, "train_projector": False, "train_llm": False}
+    for p in parts.model.parameters():
+        if p.requires_grad:
+            key = "train_projector" if id(p) in projector else "train_llm" if id(p) in language_model else "train_vision"
+            trains[key] = True
+    return trains
 
 
 def _allow_skipped_layers_in_ddp(args: STSTrainingArguments) -> None:

@@ -1,0 +1,115 @@
+"""What STS saved in one training run: a per-micro-batch ledger of dense and actual FLOPs, and its report.
+
+"Dense" is what the same micro-batch would have cost without STS (every visual token, every decoder layer); "actual"
+is what ran: the sequence length the language model really received and the decoder layers that really executed.
+Both come from `flops.step_flops`, the analytic count of matmul FLOPs, forward and backward.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class MicroBatchRecord:
+    step: int  # optimizer step (TrainerState.global_step) the micro-batch belongs to
+    dense_flops: float
+    actual_flops: float
+    kept_fraction: float | None = None  # VTC: kept / all visual tokens
+    skipped_fraction: float | None = None  # LDS: skipped / all decoder layers
+    skip_probabilities: list[float] | None = None  # LDS: per layer
+
+
+@dataclass
+class SavingsLedger:
+    stage: str
+    records: list[MicroBatchRecord] = field(default_factory=list)
+    wall_clock_seconds: float | None = None
+
+    def add(self, record: MicroBatchRecord) -> None:
+        self.records.append(record)
+
+    def totals(self) -> dict:
+        dense = sum(r.dense_flops for r in self.records)
+        actual = sum(r.actual_flops for r in self.records)
+        kept = [r.kept_fraction for r in self.records if r.kept_fraction is not None]
+        skipped = [r.skipped_fraction for r in self.records if r.skipped_fraction is not None]
+        return {
+            "stage": self.stage,
+            "micro_batches": len(self.records),
+            "optimizer_steps": len({r.step for r in self.records}),
+            "dense_flops": dense,
+            "actual_flops": actual,
+            "flops_saving": 1.0 - actual / dense if dense else 0.0,
+            "mean_kept_visual_fraction": sum(kept) / len(kept) if kept else None,
+            "mean_skipped_layer_fraction": sum(skipped) / len(skipped) if skipped else None,
+            "wall_clock_seconds": self.wall_clock_seconds,
+        }
+
+    def summary(self) -> str:
+        t = self.totals()
+        lines = [
+            f"STS savings ({t['stage']} stage, {t['optimizer_steps']} steps, {t['micro_batches']} micro-batches)",
+            f"  training FLOPs  dense {t['dense_flops']:.3e}   actual {t['actual_flops']:.3e}   "
+            f"saved {100 * t['flops_saving']:.1f}%",
+        ]
+        if t["mean_kept_visual_fraction"] is not None:
+            lines.append(f"  VTC kept {100 * t['mean_kept_visual_fraction']:.1f}% of visual tokens")
+        if t["mean_skipped_layer_fraction"] is not None:
+            lines.append(f"  LDS skipped {100 * t['mean_skipped_layer_fraction']:.1f}% of decoder-layer runs")
+        if t["wall_clock_seconds"] is not None:
+            lines.append(f"  wall-clock {t['wall_clock_seconds']:.1f} s")
+        return "\n".join(lines)
+
+    def write(self, output_dir: str) -> dict[str, str]:
+        """Write `sts_savings.json` (totals and every micro-batch) and `sts_savings.png`; return their paths."""
+        os.makedirs(output_dir, exist_ok=True)
+        paths = {"json": os.path.join(output_dir, "sts_savings.json"), "plot": os.path.join(output_dir, "sts_savings.png")}
+        with open(paths["json"], "w") as f:
+            json.dump({"totals": self.totals(), "micro_batches": [asdict(r) for r in self.records]}, f, indent=1)
+        self.plot(paths["plot"])
+        return paths
+
+    def plot(self, path: str) -> None:
+        """Per-layer skip probability over steps, kept visual tokens, cumulative dense vs actual FLOPs."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x = list(range(len(self.records)))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        probs = [r.skip_probabilities for r in self.records if r.skip_probabilities is not None]
+        if probs:
+            image = axes[0].imshow(list(zip(*probs)), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+            fig.colorbar(image, ax=axes[0], label="skip probability")
+            axes[0].set_ylabel("decoder layer")
+        else:
+            axes[0].text(0.5, 0.5, "LDS off", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_title("LDS skip probability per layer")
+        axes[0].set_xlabel("micro-batch")
+
+        kept = [r.kept_fraction for r in self.records]
+        if any(k is not None for k in kept):
+            axes[1].plot(x, [k if k is not None else float("nan") for k in kept])
+            axes[1].set_ylim(0, 1.05)
+        else:
+            axes[1].text(0.5, 0.5, "VTC off", ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_title("VTC kept fraction of visual tokens")
+        axes[1].set_xlabel("micro-batch")
+
+        dense, actual, total_dense, total_actual = [], [], 0.0, 0.0
+        for r in self.records:
+            total_dense += r.dense_flops
+            total_actual += r.actual_flops
+            dense.append(total_dense)
+            actual.append(total_actual)
+        axes[2].plot(x, dense, label="dense")
+        axes[2].plot(x, actual, label="actual (STS)")
+        axes[2].set_title("cumulative training FLOPs")
+        axes[2].set_xlabel("micro-batch")
+        axes[2].legend()
+        fig.suptitle(f"STS savings, {self.stage} stage")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
