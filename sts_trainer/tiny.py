@@ -65,13 +65,13 @@ def synthetic_samples(
     samples = []
     for i in range(num_samples):
         n_images = images_per_sample[i % len(images_per_sample)]
-        prompt = torch.randint(1, vocab - 1, (prompt_length + i % 3,), generator=generator)
+        prompt = torch.randint(1, min(vocab, IMAGE_TOKEN_ID), (prompt_length + i % 3,), generator=generator)
         pixels = torch.randn(n_images, 3, size, size, generator=generator)
         if n_images:
             bands = (pixels[0].sign().sum(0).sum(0).view(answer_length, -1).sum(1)).long()
             answer = 1 + bands.remainder(32)
         else:
-            answer = torch.randint(1, vocab - 1, (answer_length,), generator=generator)
+            answer = torch.randint(1, min(vocab, IMAGE_TOKEN_ID), (answer_length,), generator=generator)
         image_tokens = torch.full((n_images * tokens_per_image,), IMAGE_TOKEN_ID)
         input_ids = torch.cat([prompt, image_tokens, answer])
         labels = torch.cat([torch.full((len(prompt) + len(image_tokens),), -100), answer])
