@@ -30,6 +30,7 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"  # LLaVA's placeholder in the data's text, one per image
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's `from` -> chat role
 CONVERSATION_FORMATS = ("chat", "plain")
+CONVERSATION_FORMAT_CHOICES = ("auto", *CONVERSATION_FORMATS)
 PADDING_SIDES = ("right", "left")
 
 # Renders a message's content: a string, or a list of {"type": "image"} / {"type": "text", "text"} blocks.
@@ -87,12 +88,13 @@ class DataArguments:
         },
     )
     conversation_format: str = field(
-        default="chat",
+        default="auto",
         metadata={
             "help": "How conversations become text. 'chat': the processor's chat template (USER: ... ASSISTANT: "
             "...), labels on the assistant replies. 'plain': LLaVA's pretraining format for the alignment stage, the "
-            "prompt followed by the caption, labels on the caption.",
-            "choices": list(CONVERSATION_FORMATS),
+            "prompt followed by the caption, labels on the caption. 'auto': 'plain' for the alignment stage, 'chat' "
+            "otherwise.",
+            "choices": list(CONVERSATION_FORMAT_CHOICES),
         },
     )
     skip_bad_samples: bool = field(
@@ -114,9 +116,9 @@ class DataArguments:
     def __post_init__(self):
         if self.model_max_length < 1:
             raise ValueError(f"model_max_length must be a positive number of tokens, got {self.model_max_length}.")
-        if self.conversation_format not in CONVERSATION_FORMATS:
+        if self.conversation_format not in CONVERSATION_FORMAT_CHOICES:
             raise ValueError(
-                f"conversation_format must be one of {CONVERSATION_FORMATS}, got {self.conversation_format!r}."
+                f"conversation_format must be one of {CONVERSATION_FORMAT_CHOICES}, got {self.conversation_format!r}."
             )
 
 
