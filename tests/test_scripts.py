@@ -1,0 +1,54 @@
+"""The launch scripts and configs: every argument they pass is one the command line knows, with a valid value."""
+
+import json
+import os
+import re
+import shlex
+
+import pytest
+import yaml
+from transformers import HfArgumentParser
+
+from sts_trainer.arguments import STSTrainingArguments
+from sts_trainer.data import DataArguments
+from sts_trainer.train import ModelArguments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_arguments(name):
+    text = open(os.path.join(ROOT, "scripts", name)).read()
+    command = text[text.index("--module sts_trainer.train") + len("--module sts_trainer.train") : text.index('"$@"')]
+    command = re.sub(r"\$\{?(\w+)\}?", "x", command.replace("\\\n", " "))
+    return shlex.split(command)
+
+
+@pytest.mark.parametrize("name, stage", [("pretrain.sh", "alignment"), ("finetune.sh", "instruction")])
+def test_launch_scripts_pass_only_known_valid_arguments(name, stage):
+    args = script_arguments(name)
+    parser = HfArgumentParser((ModelArguments, DataArguments, STSTrainingArguments))
+    namespace, unknown = parser.parse_known_args(args)
+    assert unknown == []
+    assert namespace.training_stage == stage and namespace.sts_stage == "auto"
+    assert os.path.isfile(os.path.join(ROOT, namespace.deepspeed))
+    text = open(os.path.join(ROOT, "scripts", name)).read()
+    assert text.splitlines()[1].startswith("# bash scripts/")  # opens with its exact command
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_deepspeed_configs_leave_batch_and_precision_to_the_trainer(name):
+    config = json.load(open(os.path.join(ROOT, "configs", name)))
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
+        assert config[key] == "auto"
+    assert config["bf16"]["enabled"] == "auto"
+    assert config["_comment"].startswith("deepspeed --num_gpus")
+    stage = config["zero_optimization"]["stage"]
+    assert stage == (2 if name == "zero2.json" else 3)
+    if stage == 3:
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_accelerate_config_points_at_an_existing_deepspeed_config():
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "accelerate_zero2.yaml")))
+    assert config["distributed_type"] == "DEEPSPEED"
+    assert os.path.isfile(os.path.join(ROOT, config["deepspeed_config"]["deepspeed_config_file"]))
