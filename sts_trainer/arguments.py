@@ -1,6 +1,7 @@
 """`STSTrainingArguments`: every option of the Sparse Training Scheme, on top of `TrainingArguments`."""
 
 import copy
+import re
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -10,6 +11,7 @@ SWITCHES = ("auto", "on", "off")
 VTC_STRATEGIES = ("uniform", "random", "instruction")
 VTC_POSITION_IDS = ("compact", "original")
 LDS_SCHEDULES = ("quadratic", "linear", "constant")
+_MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # 'model.layers', 'blocks.0.mlp'
 
 
 @dataclass
@@ -92,6 +94,30 @@ class STSTrainingArguments(TrainingArguments):
         },
     )
 
+    sts_decoder_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Module path, from the model, of its list of decoder layers (an nn.ModuleList), e.g. "
+            "'model.layers'. Needed for a model whose model_type sts_trainer does not know (LDS skips entries of this "
+            "list; the module holding it decides the stage); overrides the known path otherwise."
+        },
+    )
+    sts_projector: str | None = field(
+        default=None,
+        metadata={
+            "help": "Module path, from the model, of the projector that maps vision features into the language "
+            "model, e.g. 'mm_projector'. Needed for VTC on a model whose model_type sts_trainer does not know "
+            "(together with sts_decoder_layers and sts_image_token_id); overrides the known path otherwise."
+        },
+    )
+    sts_image_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token id of the image placeholder in input_ids (one placeholder per visual token). Needed for "
+            "VTC on a model whose model_type sts_trainer does not know; overrides the config's value otherwise."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.validate_sts()
@@ -115,6 +141,16 @@ class STSTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}={value} is out of range; it must be in [0, 1].")
+        for name in ("sts_decoder_layers", "sts_projector"):
+            value = getattr(self, name)
+            if value is not None and not _MODULE_PATH.fullmatch(value):
+                raise ValueError(
+                    f"{name}={value!r} is not a module path; give attribute names joined by dots, as in "
+                    "model.named_modules() (e.g. 'model.language_model.layers')."
+                )
+        token = self.sts_image_token_id
+        if token is not None and (isinstance(token, bool) or not isinstance(token, int) or token < 0):
+            raise ValueError(f"sts_image_token_id={token!r} is not valid; it must be a non-negative integer token id.")
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> "STSTrainingArguments":

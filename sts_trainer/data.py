@@ -225,10 +225,14 @@ class LazyLlavaDataset(torch.utils.data.Dataset):
     def from_arguments(
         cls, args: DataArguments, processor: ProcessorMixin, evaluation: bool = False
     ) -> "LazyLlavaDataset":
-        """The training data set (`args.data_path`) or, with `evaluation=True`, the evaluation one."""
+        """The training data set (`args.data_path`) or, with `evaluation=True`, the evaluation one.
+
+        `conversation_format='auto'` is the chat template here; the command line resolves it per stage first.
+        """
+        conversation_format = "chat" if args.conversation_format == "auto" else args.conversation_format
         return cls(
             args.eval_data_path if evaluation else args.data_path, processor, args.image_folder, args.model_max_length,
-            args.conversation_format, args.skip_bad_samples,
+            conversation_format, args.skip_bad_samples,
         )
 
     def __len__(self) -> int:

@@ -1,7 +1,9 @@
-"""Analytic FLOPs of one training step of a LLaVA-style model, dense and with STS sparsity.
+"""Analytic FLOPs of one training step of a vision-language model, dense and with STS sparsity.
 
 The model is vision tower -> projector -> decoder LLM -> LM head (a text-only causal LM is the same without the first
-two). Counting rules, chosen so the numbers match `torch.utils.flop_counter.FlopCounterMode`:
+two). The vision towers and projectors of the architectures in `architectures.ARCHITECTURES` are described below
+(`_VISION_TOWERS`, `_projector_matmuls`); the decoders are all llama-like (gated MLP, grouped-query attention).
+Counting rules, chosen so the numbers match `torch.utils.flop_counter.FlopCounterMode`:
 
 - A matmul (m x k) @ (k x n) costs 2 * m * k * n FLOPs. Only matmuls are counted (the patch-embedding convolution is
   a matmul over patches): norms, activations, softmax, rotary embeddings, residual adds and the loss are a few
@@ -93,71 +95,179 @@ def _attention(tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: in
     return projections, scores
 
 
+# The vision towers sts_trainer counts, by `vision_config.model_type`. All are ViTs (patch embedding, then layers of
+# attention + MLP); they differ in a class token ('cls'), a gated MLP (gate, up, down: 'gated'), whether the image
+# size is fixed by the config or set by each image ('dynamic': Qwen2-VL, Pixtral), and how attention spans images:
+# Pixtral attends over all images of a batch as one sequence with a block-diagonal mask ('joint', so dense kernels
+# compute the full square over all of them), Qwen2.5-VL attends within windows except in its full-attention layers.
+_VISION_TOWERS = {
+    "clip_vision_model": dict(cls=True, gated=False, dynamic=False),
+    "siglip_vision_model": dict(cls=False, gated=False, dynamic=False),
+    "idefics3_vision": dict(cls=False, gated=False, dynamic=False),
+    "smolvlm_vision": dict(cls=False, gated=False, dynamic=False),
+    "internvl_vision": dict(cls=True, gated=False, dynamic=False),
+    "pixtral": dict(cls=False, gated=True, dynamic=True, joint=True),
+    "qwen2_vl_vision": dict(cls=False, gated=False, dynamic=True),
+    "qwen2_5_vl_vision": dict(cls=False, gated=True, dynamic=True),
+}
+# A dynamic-resolution model's image, for per-image counts (`visual_tokens_per_image`): 448 x 448 pixels.
+REFERENCE_IMAGE_SIZE = 448
+
+
 def _vision_config(config: PretrainedConfig) -> PretrainedConfig | None:
     vision = getattr(config, "vision_config", None)  # None: a text-only LLM
-    if vision is not None and vision.model_type != "clip_vision_model":
+    if vision is not None and vision.model_type not in _VISION_TOWERS:
         raise ValueError(
-            f"sts_trainer.flops knows the CLIP vision tower only, not {vision.model_type!r}; "
-            "add its per-layer costs to `_vision_cost`."
+            f"sts_trainer.flops does not know the vision tower {vision.model_type!r} of {config.model_type!r}; "
+            f"it knows {', '.join(sorted(_VISION_TOWERS))}. Add its shape to `_VISION_TOWERS` and `_tower`."
         )
     return vision
 
 
 def _feature_layers(config: PretrainedConfig) -> list[int]:
-    layer = config.vision_feature_layer
+    """The vision hidden states the projector reads: `vision_feature_layer` where the model has one, else the last."""
+    layer = getattr(config, "vision_feature_layer", -1)
     return [layer] if isinstance(layer, int) else list(layer)
 
 
+def _side(value) -> int:
+    return value if isinstance(value, int) else value[0]  # InternVL writes sizes as [h, w]
+
+
+def _tower(config: PretrainedConfig) -> dict:
+    """Shape of the vision tower: width, heads, MLP width, layers, values per patch, patches merged per LLM token."""
+    vision = config.vision_config
+    facts = _VISION_TOWERS[vision.model_type]
+    if vision.model_type == "qwen2_vl_vision":
+        hidden, heads, layers = vision.embed_dim, vision.num_heads, vision.depth
+        mlp = vision.embed_dim * vision.mlp_ratio
+    elif vision.model_type == "qwen2_5_vl_vision":
+        hidden, heads, mlp, layers = vision.hidden_size, vision.num_heads, vision.intermediate_size, vision.depth
+    else:
+        hidden, heads = vision.hidden_size, vision.num_attention_heads
+        mlp, layers = vision.intermediate_size, vision.num_hidden_layers
+    patch = _side(vision.patch_size)
+    if vision.model_type in ("qwen2_vl_vision", "qwen2_5_vl_vision"):
+        # a patch spans 2 frames (an image is repeated in time); the merger joins m x m patches into one LLM token
+        values, merge = vision.in_channels * vision.temporal_patch_size * patch**2, vision.spatial_merge_size**2
+    elif vision.model_type == "pixtral":
+        values, merge = vision.num_channels * patch**2, config.spatial_merge_size**2  # merged in Mistral3's projector
+    else:
+        values, merge = vision.num_channels * patch**2, 1
+    return dict(facts, hidden=hidden, heads=heads, mlp=mlp, layers=layers, patch=patch, values=values, merge=merge)
+
+
+def _patches_per_tile(config: PretrainedConfig) -> int:
+    """Patches of one image (one tile) at the config's resolution; the reference image for a dynamic one."""
+    vision, tower = config.vision_config, _tower(config)
+    size = REFERENCE_IMAGE_SIZE if tower["dynamic"] else _side(vision.image_size)
+    return (size // tower["patch"]) ** 2
+
+
 def visual_tokens_per_image(config: PretrainedConfig) -> int:
-    """Tokens one image gives the LLM: (image_size / patch_size)^2 patches, plus the CLS token when
-    `vision_feature_select_strategy` is 'full' ('default' drops it). LLaVA-1.5: (336 / 14)^2 = 576."""
+    """Tokens one image (one tile) gives the LLM, from the config: P = (image_size / patch_size)^2 patches, and
+    - LLaVA family: P, plus the CLS token when `vision_feature_select_strategy` is 'full' (LLaVA-1.5: (336/14)^2 = 576;
+      a LLaVA-NeXT image is several such tiles plus newline tokens);
+    - PaliGemma: P; Gemma3: `mm_tokens_per_image` (pooled); Idefics3 / SmolVLM: P / scale_factor^2 per tile;
+      InternVL: P * downsample_ratio^2 per tile;
+    - dynamic resolution (Qwen2-VL, Qwen2.5-VL, Mistral3): P / spatial_merge_size^2 for a 448 x 448 reference image.
+    """
     vision = _vision_config(config)
     if vision is None:
         return 0
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (config.vision_feature_select_strategy == "full")
+    patches, tower = _patches_per_tile(config), _tower(config)
+    if config.model_type == "gemma3":
+        return config.mm_tokens_per_image
+    if config.model_type in ("idefics3", "smolvlm"):
+        return patches // config.scale_factor**2
+    if config.model_type == "internvl":
+        return int(patches * config.downsample_ratio**2)
+    if tower["dynamic"]:
+        return patches // tower["merge"]
+    return patches + (tower["cls"] and getattr(config, "vision_feature_select_strategy", None) == "full")
 
 
-def _vision_cost(config: PretrainedConfig, images: int) -> _PartCost:
-    """CLIP ViT over `images` images of P patches + 1 CLS token (S_v = P + 1) with N layers of width h, MLP width I:
+def _vision_cost(config: PretrainedConfig, images: int, tokens_per_image: int) -> _PartCost:
+    """A ViT over `images` images, each of `tokens_per_image` LLM tokens, N layers of width h, MLP width I:
 
-        patch embedding (a convolution = matmul over patches): 2 P (3 p^2) h
-        per layer: attention (4 projections h x h, scores 4 S_v^2 h) + MLP (fc1, fc2): 2 * 2 S_v h I
+        patch embedding (a convolution = matmul over P patches of v values): 2 P v h
+        per layer, over S_v = P (+ 1 class token) tokens: attention (4 projections h x h, scores 4 S_v^2 h) and MLP:
+        2 * 2 S_v h I (3 * 2 S_v h I when gated)
 
-    Layers above the deepest `vision_feature_layer` are forward only.
+    P is fixed by the config, times the tiles an image has (LLaVA-NeXT anyres: round(tokens / tokens per tile)), or
+    for a dynamic-resolution tower follows the image: P = tokens * (patches merged per token). Layers above the deepest
+    `vision_feature_layer` are forward only. Qwen2.5-VL's windowed layers attend within windows of
+    (window_size / patch_size)^2 patches; Pixtral's scores span all images of the batch (see `_VISION_TOWERS`).
     """
-    vision = _vision_config(config)
-    patches = (vision.image_size // vision.patch_size) ** 2
-    tokens = patches + 1  # CLIP prepends a class token
-    hidden, heads = vision.hidden_size, vision.num_attention_heads
+    tower = _tower(config)
+    hidden, heads = tower["hidden"], tower["heads"]
+    if tower["dynamic"]:
+        patches = tokens_per_image * tower["merge"]
+    else:
+        patches = _patches_per_tile(config)
+        images *= max(1, round(tokens_per_image / visual_tokens_per_image(config)))  # tiles run as separate images
+    tokens = patches + tower["cls"]
     projections, scores = _attention(tokens, hidden, heads, heads, hidden // heads)
-    layer_weight = (projections + 2 * _matmul(tokens, hidden, vision.intermediate_size)) * images
-    layer_score = scores * images
-    patch_embedding = _matmul(patches, vision.num_channels * vision.patch_size**2, hidden) * images
+    layer_weight = (projections + (2 + tower["gated"]) * _matmul(tokens, hidden, tower["mlp"])) * images
+    if tower.get("joint"):
+        scores *= images  # one block-diagonal sequence of all images: (images * S_v)^2
+    num_layers = tower["layers"]
+    full_layers = num_layers
+    window_scores = scores
+    if config.vision_config.model_type == "qwen2_5_vl_vision":
+        full_layers = len(config.vision_config.fullatt_block_indexes)
+        window = min(tokens, (config.vision_config.window_size // tower["patch"]) ** 2)
+        window_scores = scores * window / tokens
+    patch_embedding = _matmul(patches, tower["values"], hidden) * images
     # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i: layers 1..i reach the loss.
-    num_layers = vision.num_hidden_layers
     used = max(layer % (num_layers + 1) for layer in _feature_layers(config))
+    score = (full_layers * scores + (num_layers - full_layers) * window_scores) * images
+    used_score = score * used / num_layers  # windowed and full layers are interleaved: spread evenly
     return _PartCost(
         weight=patch_embedding + used * layer_weight,
-        score=used * layer_score,
+        score=used_score,
         entry=patch_embedding,
-        forward_only=(num_layers - used) * (layer_weight + layer_score),
+        forward_only=(num_layers - used) * layer_weight + (score - used_score),
     )
 
 
-def _projector_cost(config: PretrainedConfig, tokens: int) -> _PartCost:
-    """LLaVA projector linear_1 (h_v * n_feature_layers -> h) - act - linear_2 (h -> h) over `tokens` visual tokens:
+def _projector_matmuls(config: PretrainedConfig) -> list[tuple[int, int]]:
+    """(in, out) widths of the projector's matmuls, in order, per visual token of the LLM (h_v: vision width, h: LLM
+    width, n_f: feature layers concatenated, s / m: tokens merged per side):
 
-        2 T (h_v n_f) h + 2 T h h
+        LLaVA family: linear_1 (h_v n_f -> h), linear_2 (h -> h)      PaliGemma: (h_v -> projection_dim)
+        Gemma3 (after average pooling): (h_v -> h)                    Idefics3 / SmolVLM (pixel shuffle): (h_v s^2 -> h)
+        InternVL (pixel shuffle by r): (h_v / r^2 -> h), (h -> h)
+        Mistral3: patch merger (h_v m^2 -> h_v), linear_1 (h_v -> h), linear_2 (h -> h)
+        Qwen2-VL / Qwen2.5-VL merger: (h_v m^2 -> h_v m^2), (h_v m^2 -> h)
     """
-    text_hidden = config.get_text_config().hidden_size
-    first = _matmul(tokens, config.vision_config.hidden_size * len(_feature_layers(config)), text_hidden)
-    return _PartCost(weight=first + _matmul(tokens, text_hidden, text_hidden), entry=first)
+    vision, hidden = _tower(config)["hidden"], config.get_text_config().hidden_size
+    model_type = config.model_type
+    if model_type == "paligemma":
+        return [(vision, config.projection_dim)]
+    if model_type == "gemma3":
+        return [(vision, hidden)]
+    if model_type in ("idefics3", "smolvlm"):
+        return [(vision * config.scale_factor**2, hidden)]
+    if model_type == "internvl":
+        return [(int(vision / config.downsample_ratio**2), hidden), (hidden, hidden)]
+    if model_type == "mistral3":
+        return [(vision * config.spatial_merge_size**2, vision), (vision, hidden), (hidden, hidden)]
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        merged = vision * config.vision_config.spatial_merge_size**2
+        return [(merged, merged), (merged, hidden)]
+    return [(vision * len(_feature_layers(config)), hidden), (hidden, hidden)]  # LLaVA family
+
+
+def _projector_cost(config: PretrainedConfig, tokens: int) -> _PartCost:
+    """The projector's matmuls (`_projector_matmuls`) over `tokens` visual tokens: sum of 2 T in out."""
+    costs = [_matmul(tokens, width_in, width_out) for width_in, width_out in _projector_matmuls(config)]
+    return _PartCost(weight=sum(costs), entry=costs[0])
 
 
 def _decoder_layer_cost(text: PretrainedConfig, batch_size: int, tokens: int) -> _PartCost:
-    """One llama-like decoder layer (Llama, Mistral, Qwen2, Qwen3: the LLMs sts_trainer supports) over `batch_size`
-    sequences of S = `tokens` tokens, width h, H heads of size d, H_kv key/value heads, MLP width I:
+    """One llama-like decoder layer (Llama, Mistral, Qwen2/3, Gemma 1/2/3: the LLMs sts_trainer supports) over
+    `batch_size` sequences of S = `tokens` tokens, width h, H heads of size d, H_kv key/value heads, MLP width I:
 
         attention: 2 S h (H d) for q and o, 2 S h (H_kv d) for k and v, 4 H S^2 d for the scores
         gated MLP (gate, up, down): 3 * 2 S h I
@@ -202,7 +312,9 @@ def step_flops(
 
     flops = dict.fromkeys(PARTS, 0.0)
     if images:
-        flops["vision"] = _vision_cost(config, images).total(step.train_vision, upstream_trains=False)
+        flops["vision"] = _vision_cost(config, images, step.visual_tokens_per_image).total(
+            step.train_vision, upstream_trains=False
+        )
         flops["projector"] = _projector_cost(config, images * step.visual_tokens_per_image).total(
             step.train_projector, upstream_trains=step.train_vision
         )

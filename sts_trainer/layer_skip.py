@@ -45,14 +45,28 @@ def decision_generator(seed: int, step: int, micro_step: int, stream: int = 0) -
 
 
 class _SkippableLayer:
-    """Mixed in front of a decoder layer's class. `_sts_skip` is set per instance by `LayerSkipper`."""
+    """Mixed in front of a decoder layer's class. `_sts_skip` is set per instance by `LayerSkipper`.
+
+    A skipped layer returns its input hidden states, so the layer must return the hidden states as a plain tensor.
+    Every decoder layer of transformers 5 does (the stacks loop `hidden_states = decoder_layer(hidden_states, ...)`);
+    a layer that returns a tuple, as transformers 4 layers and some custom models do, is refused when it first runs
+    in training rather than silently given a tensor where its caller indexes a tuple.
+    """
 
     _sts_skip = False
 
     def __call__(self, *args, **kwargs):
         if self._sts_skip and self.training:
             return args[0] if args else kwargs["hidden_states"]
-        return super().__call__(*args, **kwargs)
+        output = super().__call__(*args, **kwargs)
+        if self.training and not isinstance(output, torch.Tensor):
+            cls = type(self).__mro__[2]  # the layer's own class, behind this mixin and the Skippable subclass
+            raise TypeError(
+                f"LDS cannot skip {cls.__name__}: it returns a {type(output).__name__}, not the hidden-states tensor, "
+                "so a skipped layer (which returns its input) would not fit its caller. Make the decoder layer "
+                "return the hidden states tensor, or turn LDS off with sts_lds='off'."
+            )
+        return output
 
 
 _SKIPPABLE_CLASSES: dict[type, type] = {}

@@ -18,12 +18,14 @@ class SparsityPlan:
 
     def describe(self, args) -> str:
         parts = [f"stage={self.stage}"]
-        parts.append(
-            f"VTC on (keep_ratio={args.vtc_keep_ratio}, strategy={args.vtc_strategy}, "
-            f"position_ids={args.vtc_position_ids})"
-            if self.vtc
-            else "VTC off"
-        )
+        if self.vtc:
+            # M-RoPE models always keep the full sequence's positions (see architectures.py)
+            positions = "original (M-RoPE)" if self.parts.facts["rope_index"] else args.vtc_position_ids
+            parts.append(
+                f"VTC on (keep_ratio={args.vtc_keep_ratio}, strategy={args.vtc_strategy}, position_ids={positions})"
+            )
+        else:
+            parts.append("VTC off")
         parts.append(
             f"LDS on (alpha={args.lds_alpha}, epsilon={args.lds_epsilon}, schedule={args.lds_schedule}, "
             f"{len(self.parts.layers)} decoder layers)"
@@ -45,7 +47,7 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
     """Resolve `args.sts_stage` and the `sts_vtc` / `sts_lds` switches against `model` as it is now."""
     if args.sts_stage == "none" and args.sts_vtc != "on" and args.sts_lds != "on":
         return SparsityPlan(stage="none", vtc=False, lds=False, parts=None)
-    parts = find_parts(model)
+    parts = find_parts(model, args.sts_projector, args.sts_decoder_layers, args.sts_image_token_id)
     stage = detect_stage(parts) if args.sts_stage == "auto" else args.sts_stage
     vtc = args.sts_vtc == "on" or (args.sts_vtc == "auto" and stage == "alignment" and parts.is_multimodal)
     lds = args.sts_lds == "on" or (args.sts_lds == "auto" and stage == "instruction")

@@ -1,9 +1,13 @@
 """Visual Token Compressor (VTC): feed the language model a physically shorter sequence during alignment.
 
 After the projector, each image's n visual tokens are reduced to k = max(1, round(keep_ratio * n)) (rounded half up),
-and the batch handed to the language model is rebuilt without the dropped ones: input ids, attention mask, labels and
-position ids are shortened together, per sample, so nothing is misaligned. The kept features reach the model through
-its `mm_encoder_outputs` argument, so gradients flow to the projector through the kept tokens only.
+and the batch handed to the language model is rebuilt without the dropped ones: input ids, attention mask, labels,
+position ids and per-token type ids (`token_type_ids`, `mm_token_type_ids`) are shortened together, per sample, so
+nothing is misaligned. The kept features reach the model through its `mm_encoder_outputs` argument (or, for a custom
+model, as `inputs_embeds` built here), so gradients flow to the projector through the kept tokens only.
+
+What differs between architectures (which inputs feed the vision path, newline tokens, tiles, M-RoPE positions) is
+data in `architectures.ARCHITECTURES`; `TokenCompressor` reads it.
 """
 
 import math
@@ -12,8 +16,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .architectures import get_path, vtc_facts
 
 IGNORE_INDEX = -100
+# Per-token inputs besides ids, mask, labels and positions, shortened with the sequence (0 = text, also for padding):
+# PaliGemma's prefix/suffix and Gemma3's image-block `token_type_ids`, Qwen2-VL's modality `mm_token_type_ids`.
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# Inputs of Qwen2-VL's `get_rope_index` besides input ids and attention mask.
+_ROPE_INPUTS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+_VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
 
 
 def num_kept(n: int, keep_ratio: float) -> int:
@@ -104,12 +117,18 @@ def compress_batch(
     embed_tokens=None,
     generator: torch.Generator | None = None,
     pad_token_id: int = 0,
+    keep_always: list[torch.Tensor] | None = None,
+    first_position: int = 0,
 ) -> tuple[dict, CompressionStats]:
     """Drop visual tokens from a batch; return the new model inputs and what was kept.
 
     `inputs` holds `input_ids` (B, L) with one placeholder per visual token, and optionally `attention_mask`,
-    `labels`, `position_ids` ((B, L) or (..., B, L)). `image_features` lists each image's projected features
-    (n_i, D) in batch order. The result replaces those keys, and `mm_encoder_outputs` carries the kept features.
+    `labels`, `position_ids` ((B, L) or (..., B, L), e.g. M-RoPE's (3, B, L)), `token_type_ids` and
+    `mm_token_type_ids` (B, L). `image_features` lists each image's projected features (n_i, D) in batch order.
+    The result replaces those keys, and `mm_encoder_outputs` carries the kept features.
+    `keep_always` marks, per image, tokens kept whatever the strategy (bool (n_i,); LLaVA-NeXT's newline tokens):
+    the strategy picks k = max(1, round(keep_ratio * m)) of the m other tokens, in their own order.
+    `first_position` is the position of a sequence's first token, for 'original' positions built here.
     Right or left padding is kept as it was; rows that end up shorter than the longest are padded on the same side.
     """
     input_ids = inputs["input_ids"]  # (B, L)
@@ -142,15 +161,19 @@ def compress_batch(
         for image in images:
             features = image_features[image]  # (n, D)
             n = features.shape[0]
-            k = num_kept(n, keep_ratio)
+            fixed = torch.zeros(n, dtype=torch.bool) if keep_always is None else keep_always[image].cpu()
+            selectable = (~fixed).nonzero().squeeze(1)  # (m,) the tokens the strategy chooses among
+            m = selectable.numel()
+            k = num_kept(m, keep_ratio) if m else 0
             if strategy == "uniform":
-                kept = uniform_indices(n, k)
+                chosen = uniform_indices(m, k)
             elif strategy == "random":
-                kept = random_indices(n, k, generator)
+                chosen = random_indices(m, k, generator)
             else:
-                kept = instruction_indices(features, query, k)
-            dropped = torch.ones(n, dtype=torch.bool)
-            dropped[kept] = False
+                chosen = instruction_indices(features[selectable.to(features.device)], query, k)
+            dropped = ~fixed  # (n,)
+            dropped[selectable[chosen]] = False
+            kept = (~dropped).nonzero().squeeze(1)  # (k + n_fixed,) ascending
             keep[sample, positions[offset : offset + n][dropped.to(device)]] = False
             kept_features.append(features[kept.to(features.device)])
             offset += n
@@ -184,9 +207,12 @@ def compress_batch(
         out["attention_mask"] = (~filler).long()
     if labels is not None:
         out["labels"] = _gather_rows(labels, order, filler, IGNORE_INDEX)
+    for key in TOKEN_TYPE_KEYS:
+        if inputs.get(key) is not None:
+            out[key] = _gather_rows(inputs[key], order, filler, 0)
     if position_mode == "original" or position_ids is not None:
         if position_ids is None:
-            position_ids = torch.arange(length, device=device).expand(batch, length)
+            position_ids = torch.arange(first_position, first_position + length, device=device).expand(batch, length)
         if position_mode == "compact":
             # each kept token moves back by the number of tokens dropped before it in its row
             position_ids = position_ids - torch.cumsum(~keep, dim=1)
@@ -209,13 +235,24 @@ class TokenCompressor:
     """Applies `compress_batch` inside the model's forward while `active` is set (training forwards only).
 
     It is a forward pre-hook on the transformers model, so it runs inside whatever wraps the model (DDP, DeepSpeed,
-    PEFT): the vision tower and projector run every step on every rank, inside the engine's forward.
+    PEFT): the vision tower and projector run every step on every rank, inside the engine's forward. How the model
+    takes its images comes from `facts` (an entry of `architectures.ARCHITECTURES`; by default the model's own, or
+    the custom-model contract `CUSTOM_VLM` for a model type not listed there).
     """
 
-    def __init__(self, model, image_token_id: int, keep_ratio: float, strategy: str, position_mode: str):
+    def __init__(
+        self,
+        model,
+        image_token_id: int,
+        keep_ratio: float,
+        strategy: str,
+        position_mode: str,
+        facts: dict | None = None,
+    ):
         self.model = model
         self.image_token_id = image_token_id
         self.keep_ratio, self.strategy, self.position_mode = keep_ratio, strategy, position_mode
+        self.facts = vtc_facts(model) if facts is None else facts
         self.generator: torch.Generator | None = None  # set per micro-batch for the 'random' strategy
         self.active = False
         self.stats: list[CompressionStats] = []
@@ -236,25 +273,79 @@ class TokenCompressor:
             return None
         if args or kwargs.get("input_ids") is None:
             raise ValueError("VTC needs the batch passed to the model as keyword arguments, with input_ids.")
+        videos = [key for key in _VIDEO_INPUTS if kwargs.get(key) is not None]
+        if videos:
+            raise ValueError(
+                f"VTC compresses image tokens only, and this batch has video inputs ({', '.join(videos)}). "
+                "Train on image batches in the alignment stage, or turn VTC off with sts_vtc='off'."
+            )
+        facts = self.facts
         kwargs = dict(kwargs)
-        image_features = module.get_image_features(
-            pixel_values=kwargs.pop("pixel_values"),
-            vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            image_sizes=kwargs.get("image_sizes"),
-            return_dict=True,
-        ).pooler_output
-        pad_token_id = getattr(module.config.get_text_config(), "pad_token_id", None) or 0
+        position_mode = self.position_mode
+        if facts["rope_index"] is not None:
+            # M-RoPE: positions of the FULL sequence from the model's own function; kept tokens keep theirs.
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = self._rope_positions(module, kwargs)  # (3, B, L)
+            position_mode = "original"
+        vision_inputs = {key: kwargs.pop(key) for key in facts["image_inputs"] if key in kwargs}
+        features = self._image_features(module, {k: v for k, v in vision_inputs.items() if v is not None})
+        keep_always = None
+        if facts["newline"] is not None:
+            # The newline rows of the features are copies of this embedding: always kept.
+            newline = get_path(module, facts["newline"]).detach()  # (D,)
+            keep_always = [(f.detach() == newline.to(f.dtype)).all(-1) for f in features]  # (n_i,) each
+        config = getattr(module, "config", None)
+        pad_token_id = (config.get_text_config().pad_token_id if config is not None else None) or 0
         kwargs, stats = compress_batch(
             kwargs,
-            list(image_features),
+            features,
             self.image_token_id,
             self.keep_ratio,
             self.strategy,
-            self.position_mode,
+            position_mode,
             embed_tokens=module.get_input_embeddings(),
             generator=self.generator,
             pad_token_id=pad_token_id,
+            keep_always=keep_always,
+            first_position=facts["first_position"],
         )
+        kept = kwargs.pop("mm_encoder_outputs")["image"].pooler_output  # list of (k_i, D)
+        if facts["route"] == "inputs_embeds":
+            # The model gets the embedded sequence with the kept features written over the image placeholders.
+            input_ids = kwargs.pop("input_ids")  # (B, L')
+            is_image = input_ids == self.image_token_id
+            embeds = module.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, L', D)
+            kept = torch.cat(kept).to(embeds.device, embeds.dtype)  # (sum k_i, D)
+            kwargs["inputs_embeds"] = embeds.masked_scatter(is_image[..., None], kept)
+        elif facts["features"] == "tensor":
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(kept)[None])}
+        else:
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept)}
         self.stats.append(stats)
         return args, kwargs
+
+    def _image_features(self, module, vision_inputs: dict) -> list[torch.Tensor]:
+        """Projected features of every image (or tile) of the batch, in batch order: a list of (n_i, D)."""
+        if self.facts["route"] == "inputs_embeds":
+            features = module.get_image_features(**vision_inputs)  # the custom-model contract
+            if isinstance(features, ModelOutput):
+                features = features.pooler_output
+        else:
+            features = module.get_image_features(**vision_inputs, return_dict=True).pooler_output
+        if self.facts["tile_tokens"] is not None:
+            # one (tiles * t, D) tensor per sample: compress each tile of t tokens as an image
+            tokens = get_path(module, self.facts["tile_tokens"])
+            features = [tile for sample in features for tile in sample.split(tokens) if len(tile)]
+        return list(features)
+
+    def _rope_positions(self, module, kwargs: dict) -> torch.Tensor:
+        """M-RoPE position ids (3, B, L) of the full sequence, from the model's own `get_rope_index`."""
+        if kwargs.get("mm_token_type_ids") is None:
+            raise ValueError(
+                f"VTC on {type(module).__name__} computes the M-RoPE positions of the full sequence and needs "
+                "`mm_token_type_ids` in the batch (the model's processor returns it: 1 on image tokens, 0 on text)."
+            )
+        rope_index = get_path(module, self.facts["rope_index"])
+        inputs = {key: kwargs[key] for key in _ROPE_INPUTS if kwargs.get(key) is not None}
+        position_ids, _ = rope_index(kwargs["input_ids"], attention_mask=kwargs.get("attention_mask"), **inputs)
+        return position_ids

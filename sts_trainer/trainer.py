@@ -6,7 +6,7 @@ import os
 from collections import defaultdict
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .arguments import STSTrainingArguments
@@ -184,10 +184,13 @@ class STSTrainer(Trainer):
         Trainer sums these into `state.total_flos`. Without STS components this is Trainer's own estimate.
         """
         record, self._sts_micro_batch = self._sts_micro_batch, None
-        if record is None or self.sts_ledger is None:
-            return super().floating_point_ops(inputs)
-        config = self.sts_plan.parts.model.config
-        images = record["visual_tokens"] // visual_tokens_per_image(config) if record["visual_tokens"] else 0
+        config = getattr(self.sts_plan.parts.model, "config", None) if record is not None else None
+        if self.sts_ledger is None or not isinstance(config, PretrainedConfig):
+            return super().floating_point_ops(inputs)  # e.g. a custom nn.Module: no config to count from
+        images = 0
+        if record["visual_tokens"]:
+            # images (or tiles) of the config's size; dynamic-resolution models are counted at a reference size
+            images = max(1, round(record["visual_tokens"] / visual_tokens_per_image(config)))
         common = dict(config=config, batch_size=record["batch_size"], images=images, **self._sts_trains)
         dense = micro_batch_flops(llm_length=record["dense_length"], **common)
         actual = micro_batch_flops(
