@@ -14,7 +14,8 @@ Beside each STS row stands its oracle, plain `Trainer` on a model and data that 
   on the smaller image too, so the oracle is slightly better than anything that must encode the full image);
 - LDS: a model with only the decoder layers that ran. STS runs a different number of layers each step, so oracle models
   of every depth are timed, and each STS step is compared with the oracle of the depth it actually ran.
-Efficiency = oracle time / STS time (1.0: STS costs nothing beyond the work it keeps).
+Efficiency = oracle time / STS time (1.0: STS costs nothing beyond the work it keeps); the work-adjusted efficiency
+divides out the FLOPs difference between a VTC row and its oracle (which encodes a smaller image).
 
 Columns: median step time (ms); measured speedup over the stage's plain `Trainer`; the oracle's speedup; the speedup
 the analytic FLOPs predict (`flops.micro_batch_flops`); efficiency; and peak memory: `torch.cuda.max_memory_allocated`
@@ -239,6 +240,24 @@ def summarize(setup: Setup, configs: list[Config]) -> list[dict]:
             sts_row = rows[i - 1]
             sts_row["oracle_speedup"] = row["speedup"]
             sts_row["efficiency"] = _median_ratio(by_name[row["configuration"]], by_name[sts_row["configuration"]])
+    return add_work_adjusted_efficiency(rows)
+
+
+def add_work_adjusted_efficiency(rows: list[dict]) -> list[dict]:
+    """Efficiency per unit of work: (oracle time / oracle FLOPs) / (STS time / STS FLOPs).
+
+    A VTC oracle also encodes a smaller image and projects fewer tokens, work that any implementation compressing
+    after the projector must still do; this column takes that out. LDS oracles run exactly STS's work, so there it
+    equals the efficiency.
+    """
+    for i, row in enumerate(rows):
+        if "efficiency" not in row:
+            continue
+        oracle = rows[i + 1] if i + 1 < len(rows) and rows[i + 1]["configuration"].startswith("  oracle") else None
+        if oracle is not None:
+            row["work_adjusted_efficiency"] = row["efficiency"] * oracle["flops_speedup"] / row["flops_speedup"]
+        else:
+            row["work_adjusted_efficiency"] = row["efficiency"]
     return rows
 
 
@@ -251,14 +270,16 @@ def markdown(rows: list[dict], setup: Setup, machine: str) -> str:
         f"{(setup.image_size // setup.patch_size) ** 2} visual tokens per image, batch {setup.batch_size}; "
         f"{setup.rounds} rounds x {setup.steps} steps (after {setup.warmup} warm-up).",
         "",
-        "| configuration | step (ms) | speedup (range over rounds) | oracle speedup | FLOPs-predicted | efficiency | memory (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | step (ms) | speedup (range over rounds) | oracle speedup | FLOPs-predicted | efficiency "
+        "| work-adjusted efficiency | memory (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['configuration'].strip()} | {r['step_ms']:.1f} | {r['speedup']:.3f} "
             f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) | {fmt(r.get('oracle_speedup'), '.3f')} "
-            f"| {fmt(r.get('flops_speedup'), '.3f')} | {fmt(r.get('efficiency'), '.3f')} | {fmt(r.get('memory_mb'), '.1f')} |"
+            f"| {fmt(r.get('flops_speedup'), '.3f')} | {fmt(r.get('efficiency'), '.3f')} "
+            f"| {fmt(r.get('work_adjusted_efficiency'), '.3f')} | {fmt(r.get('memory_mb'), '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -269,7 +290,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=None, help="rounds of all configurations (default 5)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 8)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run; the numbers mean nothing")
+    parser.add_argument("--from_json", default=None, help="only re-render the table of a saved bench.json")
     cli = parser.parse_args(argv)
+    if cli.from_json:
+        saved = json.load(open(cli.from_json))
+        rows = add_work_adjusted_efficiency(saved["rows"])
+        print(markdown(rows, Setup(**saved["setup"]), saved["machine"]))
+        return rows
     setup = QUICK if cli.quick else Setup()
     if cli.rounds:
         setup.rounds = cli.rounds

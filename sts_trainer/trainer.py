@@ -19,8 +19,8 @@ from .token_compression import TokenCompressor
 
 logger = logging.getLogger("sts_trainer")
 
-# Separate random streams for the two components, both seeded from (seed, step, micro-step).
-_LDS_STREAM, _VTC_STREAM = 0, 1
+# VTC's random strategy draws from its own stream of (seed, step, micro-step); LDS's decisions use stream 0.
+_VTC_STREAM = 1
 
 
 class STSTrainer(Trainer):
