@@ -151,26 +151,34 @@ class STSTrainer(Trainer):
                 self._compressor.stats.clear()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore the weights of a full-model checkpoint through `from_pretrained`, which understands its key names.
+        model = self.model if model is None else model
+        if not self._restore_full_weights(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._restore_full_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _restore_full_weights(self, checkpoint: str, model) -> bool:
+        """Restore a full-model checkpoint through `from_pretrained`, which understands its key names; False when the
+        checkpoint or the setup is one Trainer's own loading handles (PEFT adapters, DeepSpeed, FSDP).
 
         `Trainer` loads the saved state dict non-strictly, and transformers saves some models (LLaVA among them) with
         legacy key names (`language_model.model.layers...`): nothing matches, only a warning is printed, and training
-        silently goes on from the current weights. Loading through `from_pretrained` converts the keys; the strict
-        `load_state_dict` then guarantees that every weight was restored. PEFT adapters, DeepSpeed and FSDP
-        checkpoints keep Trainer's own path.
+        silently goes on from the current weights (on resume, and with `load_best_model_at_end`). Loading through
+        `from_pretrained` converts the keys, and the strict `load_state_dict` guarantees every weight was restored.
         """
-        model = self.model if model is None else model
         has_full_weights = any(
-            os.path.isfile(os.path.join(resume_from_checkpoint, name))
+            os.path.isfile(os.path.join(checkpoint, name))
             for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
         )
-        if not isinstance(model, PreTrainedModel) or not has_full_weights or self.is_fsdp_enabled:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info(f"STS: restoring the model weights from {resume_from_checkpoint}.")
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        if not isinstance(model, PreTrainedModel) or not has_full_weights or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False
+        logger.info(f"STS: restoring the model weights from {checkpoint}.")
+        saved = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
         with torch.no_grad():
             model.load_state_dict(saved.state_dict(), strict=True)
-        del saved
+        return True
 
     def _record_llm_length(self, module, args, kwargs):
         """The sequence length the language model really receives (after VTC), for the actual FLOPs."""

@@ -278,3 +278,18 @@ def test_two_ranks_make_identical_decisions(tmp_path, launcher_name, extra):
     assert len(rank0) == 6 and rank0 == rank1
     assert any(len(r["layers"]) < 4 for r in rank0)  # layers were skipped
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(out_dir):
+    from .helpers import tiny_dataset
+
+    model = tiny_llava()
+    args = training_args(
+        out_dir, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", learning_rate=0.5,
+    )
+    trainer, _ = train(model, args, eval_dataset=tiny_dataset(8, seed=5))
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-4")  # training diverges: an earlier one is best
+    saved = LlavaForConditionalGeneration.from_pretrained(best).state_dict()
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
