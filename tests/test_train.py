@@ -182,3 +182,32 @@ def test_two_processes_with_the_deepspeed_launcher(world, stage1, tmp_path, zero
     if stage == "alignment":
         projector = load_file(out / "mm_projector.safetensors")
         assert torch.equal(projector["model.multi_modal_projector.linear_2.weight"], model.model.multi_modal_projector.linear_2.weight)
+
+
+def test_projector_learning_rate_and_modality_grouping(world, stage1, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from sts_trainer.arguments import STSTrainingArguments
+    from sts_trainer.data import DataArguments, LazyLlavaDataset, ModalityLengthGroupedSampler
+    from sts_trainer.train import LlavaTrainer, ModelArguments, set_trainable
+
+    model = AutoModelForImageTextToText.from_pretrained(stage1[0])
+    processor = AutoProcessor.from_pretrained(stage1[0])
+    model = set_trainable(model, ModelArguments(model_name_or_path=str(stage1[0]), training_stage="instruction"))
+    dataset = LazyLlavaDataset.from_arguments(
+        DataArguments(data_path=world["instruction"]["data_path"], image_folder=world["instruction"]["image_folder"]),
+        processor,
+    )
+    args = STSTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, per_device_train_batch_size=3,
+                                report_to=[], use_cpu=True)
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, projector_lr=5e-3, group_by_modality=True)
+    optimizer = trainer.create_optimizer()
+    projector = {id(p) for p in model.model.multi_modal_projector.parameters()}
+    for group in optimizer.param_groups:
+        is_projector = {id(p) in projector for p in group["params"]}
+        assert len(is_projector) == 1  # a group is all projector or none of it
+        assert group["lr"] == (5e-3 if is_projector.pop() else 1e-4)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ModalityLengthGroupedSampler)
+    assert sorted(sampler) == list(range(len(dataset)))
