@@ -83,7 +83,7 @@ class Shape:
     color: str
     column: int  # grid cell, 0 = left
     row: int  # grid cell, 0 = top
-    dx: int  # jitter of the centre, in 1/16 of the image side, in [-1, 1]
+    dx: int  # offset of the centre from the cell's centre, in 1/16 of the image side: -2 or 2 (see _random_scene)
     dy: int
     big: bool
 
@@ -149,12 +149,15 @@ def caption(scene: Scene) -> str:
 
 
 def _random_scene(rng: random.Random, with_word: bool) -> Scene:
-    # Shapes get distinct (kind, colour) pairs and distinct cells; a word takes the whole top row.
+    # Shapes get distinct (kind, colour) pairs and distinct cells; a word takes the whole top row. A shape sits at the
+    # centre of one quarter of its cell, which at 32 pixels with 8-pixel patches is one patch: each shape then falls
+    # (almost) wholly on one visual token, which a tiny random vision tower can read. Centred on the cell, it would be
+    # split over four patches.
     cells = [(0, 1), (1, 1)] if with_word else [(0, 0), (1, 0), (0, 1), (1, 1)]
     count = rng.randint(0, 2) if with_word else rng.randint(1, 4)
     looks = rng.sample([(k, c) for k in SHAPES for c in COLORS], count)
     shapes = tuple(
-        Shape(kind, color, column, row, rng.randint(-1, 1), rng.randint(-1, 1), rng.random() < 0.5)
+        Shape(kind, color, column, row, rng.choice((-2, 2)), rng.choice((-2, 2)), rng.random() < 0.5)
         for (kind, color), (column, row) in zip(looks, rng.sample(cells, count))
     )
     if with_word:
