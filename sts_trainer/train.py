@@ -367,5 +367,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     return run(model_args, data_args, training_args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sts-train` entry point. A distributed worker ends with `os._exit(0)` once its work is flushed: gloo
+    process groups occasionally abort at interpreter shutdown after a finished run, failing a good run."""
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    cli()
