@@ -78,6 +78,7 @@ class STSTrainer(Trainer):
                 args.vtc_keep_ratio,
                 args.vtc_strategy,
                 args.vtc_position_ids,
+                facts=plan.parts.facts,
             )
             self._compressor.install()
         if plan.lds:
