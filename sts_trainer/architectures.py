@@ -130,6 +130,10 @@ OVERRIDE_OPTIONS = (
 )
 
 
+class UnknownArchitectureError(ValueError):
+    """`find_parts` met a model whose `model_type` is not in `ARCHITECTURES` and whose parts the user did not name."""
+
+
 @dataclass
 class ModelParts:
     """The parts of one model that STS touches, and the facts of its architecture."""
@@ -200,7 +204,7 @@ def find_parts(
     facts = ARCHITECTURES.get(model_type)
     if facts is None:
         if layers is None:
-            raise ValueError(
+            raise UnknownArchitectureError(
                 f"sts_trainer does not know the architecture {model_type!r} ({type(base).__name__}). "
                 f"Supported model types: {', '.join(sorted(ARCHITECTURES))}. For another model, name its parts "
                 f"with the STSTrainingArguments options {OVERRIDE_OPTIONS}; the contract a custom model must meet "

@@ -11,6 +11,7 @@ SWITCHES = ("auto", "on", "off")
 VTC_STRATEGIES = ("uniform", "random", "instruction")
 VTC_POSITION_IDS = ("compact", "original")
 LDS_SCHEDULES = ("quadratic", "linear", "constant")
+_TRAINING_ARGUMENT_NAMES = {f.name for f in fields(TrainingArguments)}
 _MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # 'model.layers', 'blocks.0.mlp'
 
 
@@ -151,6 +152,10 @@ class STSTrainingArguments(TrainingArguments):
         token = self.sts_image_token_id
         if token is not None and (isinstance(token, bool) or not isinstance(token, int) or token < 0):
             raise ValueError(f"sts_image_token_id={token!r} is not valid; it must be a non-negative integer token id.")
+
+    def sts_options(self) -> dict:
+        """The STS options (the fields this class adds to `TrainingArguments`) and their values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TRAINING_ARGUMENT_NAMES}
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> "STSTrainingArguments":

@@ -20,6 +20,8 @@ Counting rules, chosen so the numbers match `torch.utils.flop_counter.FlopCounte
   tower before everything trainable pays no backward at all. The first matmul of a part sees the part's input, which
   needs a gradient only when something before the part trains (the vision tower's first matmul sees pixels: never).
   The LLM's input needs one when the LLM trains (its token embeddings train with it) or anything before it trains.
+- LoRA: frozen base weights pay no weight gradient. The adapters (A: in -> r, B: r -> out) beside them cost 2 T (in r
+  + r out) forward per token, and as much again for each of their weight and input gradients.
 - The vision tower runs all its layers, but LLaVA reads the hidden state of `vision_feature_layer` (-2 for LLaVA-1.5):
   layers above it get no gradient, so they cost forward FLOPs only.
 
@@ -38,6 +40,10 @@ from .layer_skip import skip_probability
 PARTS = ("vision", "projector", "llm_layers", "lm_head")
 
 
+class UncountableModelError(ValueError):
+    """The model has a part whose shape `flops.py` does not know (a vision tower not in `_VISION_TOWERS`)."""
+
+
 @dataclass(frozen=True)
 class TrainingStep:
     """The shape of one training step (one micro-batch) and which parts of the model train.
@@ -54,6 +60,8 @@ class TrainingStep:
     train_vision: bool = False
     train_projector: bool = False
     train_llm: bool = False  # decoder layers, token embeddings and LM head
+    # trainable adapter weights (LoRA A and B) per decoder layer, beside frozen base weights (train_llm False)
+    llm_adapter_weights_per_layer: float = 0.0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.text_tokens_per_sample < 0 or self.images_per_sample < 0:
@@ -117,7 +125,7 @@ REFERENCE_IMAGE_SIZE = 448
 def _vision_config(config: PretrainedConfig) -> PretrainedConfig | None:
     vision = getattr(config, "vision_config", None)  # None: a text-only LLM
     if vision is not None and vision.model_type not in _VISION_TOWERS:
-        raise ValueError(
+        raise UncountableModelError(
             f"sts_trainer.flops does not know the vision tower {vision.model_type!r} of {config.model_type!r}; "
             f"it knows {', '.join(sorted(_VISION_TOWERS))}. Add its shape to `_VISION_TOWERS` and `_tower`."
         )
@@ -318,14 +326,16 @@ def step_flops(
         flops["projector"] = _projector_cost(config, images * step.visual_tokens_per_image).total(
             step.train_projector, upstream_trains=step.train_vision
         )
-    upstream = step.train_vision or step.train_projector
-    # The LLM's input needs a gradient when its token embeddings train (they train with the LLM) or anything before it.
-    flops["llm_layers"] = layers * _decoder_layer_cost(text, step.batch_size, llm_tokens).total(
-        step.train_llm, upstream_trains=upstream or step.train_llm
-    )
+    adapters = step.llm_adapter_weights_per_layer
+    # Gradients flow through the LLM when anything before it trains, or anything in it: its token embeddings train
+    # with it; adapters train in every layer (the first layer's input gradient is then counted though not needed).
+    flows = step.train_vision or step.train_projector or step.train_llm or adapters > 0
+    layer = _decoder_layer_cost(text, step.batch_size, llm_tokens).total(step.train_llm, upstream_trains=flows)
+    adapter = _PartCost(weight=2.0 * step.batch_size * llm_tokens * adapters).total(True, upstream_trains=flows)
+    flops["llm_layers"] = layers * (layer + adapter)
     # logits at every position: LLaVA and causal LMs in training compute them all (logits_to_keep=0)
     lm_head = _PartCost(weight=_matmul(step.batch_size * llm_tokens, text.hidden_size, text.vocab_size))
-    flops["lm_head"] = lm_head.total(step.train_llm, upstream_trains=upstream or step.train_llm)
+    flops["lm_head"] = lm_head.total(step.train_llm, upstream_trains=flows)
     flops["total"] = sum(flops[part] for part in PARTS)
     return flops
 
@@ -363,10 +373,16 @@ def micro_batch_flops(
     train_projector: bool,
     train_llm: bool,
     executed_layers: float | None = None,
+    llm_adapter_weights_per_layer: float = 0.0,
 ) -> float:
     """FLOPs of one micro-batch as the trainer ran it: `images` images through the vision tower and projector, and a
     (batch_size, llm_length) sequence, padding included, through `executed_layers` decoder layers and the LM head."""
-    flags = dict(train_vision=train_vision, train_projector=train_projector, train_llm=train_llm)
+    flags = dict(
+        train_vision=train_vision,
+        train_projector=train_projector,
+        train_llm=train_llm,
+        llm_adapter_weights_per_layer=llm_adapter_weights_per_layer,
+    )
     total = 0.0
     if images:
         vision = step_flops(config, TrainingStep(images, 0, 1, visual_tokens_per_image(config), **flags))

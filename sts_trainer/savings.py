@@ -3,18 +3,24 @@
 "Dense" is what the same micro-batch would have cost without STS (every visual token, every decoder layer); "actual"
 is what ran: the sequence length the language model really received and the decoder layers that really executed.
 Both come from `flops.step_flops`, the analytic count of matmul FLOPs, forward and backward.
+
+The ledger travels with each checkpoint (`STATE_FILE`, with the STS options of the run), so a resumed run's report
+covers the whole run, like `TrainerState.total_flos`. Two states are reported rather than hidden: a run STS did not
+sparsify (`not_sparsified`, the reason), and one whose FLOPs `flops.py` cannot count (`flops_not_counted`).
 """
 
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
+STATE_FILE = "sts_state.json"  # in each checkpoint folder: the ledger so far and the STS options
+
 
 @dataclass
 class MicroBatchRecord:
     step: int  # optimizer step (TrainerState.global_step) the micro-batch belongs to
-    dense_flops: float
-    actual_flops: float
+    dense_flops: float | None  # None when flops.py cannot count the model (see SavingsLedger.flops_not_counted)
+    actual_flops: float | None
     kept_fraction: float | None = None  # VTC: kept / all visual tokens
     skipped_fraction: float | None = None  # LDS: skipped / all decoder layers
     skip_probabilities: list[float] | None = None  # LDS: per layer
@@ -24,23 +30,37 @@ class MicroBatchRecord:
 class SavingsLedger:
     stage: str
     records: list[MicroBatchRecord] = field(default_factory=list)
-    wall_clock_seconds: float | None = None
+    wall_clock_seconds: float | None = None  # the whole run's, resumed parts included
+    not_sparsified: str | None = None  # why STS left this run dense ('auto' on a model it cannot sparsify)
+    flops_not_counted: str | None = None  # why FLOPs are missing; the run used Trainer's own estimate instead
 
     def add(self, record: MicroBatchRecord) -> None:
         self.records.append(record)
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "records": [asdict(r) for r in self.records]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SavingsLedger":
+        return cls(**{**data, "records": [MicroBatchRecord(**r) for r in data["records"]]})
+
     def totals(self) -> dict:
-        dense = sum(r.dense_flops for r in self.records)
-        actual = sum(r.actual_flops for r in self.records)
+        counted = self.flops_not_counted is None and self.not_sparsified is None
+        dense = sum(r.dense_flops for r in self.records) if counted else None
+        actual = sum(r.actual_flops for r in self.records) if counted else None
         kept = [r.kept_fraction for r in self.records if r.kept_fraction is not None]
         skipped = [r.skipped_fraction for r in self.records if r.skipped_fraction is not None]
         return {
             "stage": self.stage,
+            "sparsified": self.not_sparsified is None,
+            "not_sparsified_reason": self.not_sparsified,
+            "flops_counted": counted,
+            "flops_not_counted_reason": self.flops_not_counted,
             "micro_batches": len(self.records),
             "optimizer_steps": len({r.step for r in self.records}),
             "dense_flops": dense,
             "actual_flops": actual,
-            "flops_saving": 1.0 - actual / dense if dense else 0.0,
+            "flops_saving": 1.0 - actual / dense if dense else (None if not counted else 0.0),
             "mean_kept_visual_fraction": sum(kept) / len(kept) if kept else None,
             "mean_skipped_layer_fraction": sum(skipped) / len(skipped) if skipped else None,
             "wall_clock_seconds": self.wall_clock_seconds,
@@ -48,11 +68,16 @@ class SavingsLedger:
 
     def summary(self) -> str:
         t = self.totals()
-        lines = [
-            f"STS savings ({t['stage']} stage, {t['optimizer_steps']} steps, {t['micro_batches']} micro-batches)",
-            f"  training FLOPs  dense {t['dense_flops']:.3e}   actual {t['actual_flops']:.3e}   "
-            f"saved {100 * t['flops_saving']:.1f}%",
-        ]
+        if self.not_sparsified is not None:
+            return f"STS: not sparsified: {self.not_sparsified}"
+        lines = [f"STS savings ({t['stage']} stage, {t['optimizer_steps']} steps, {t['micro_batches']} micro-batches)"]
+        if t["flops_counted"]:
+            lines.append(
+                f"  training FLOPs  dense {t['dense_flops']:.3e}   actual {t['actual_flops']:.3e}   "
+                f"saved {100 * t['flops_saving']:.1f}%"
+            )
+        else:
+            lines.append(f"  training FLOPs not counted: {self.flops_not_counted}")
         if t["mean_kept_visual_fraction"] is not None:
             lines.append(f"  VTC kept {100 * t['mean_kept_visual_fraction']:.1f}% of visual tokens")
         if t["mean_skipped_layer_fraction"] is not None:
@@ -62,12 +87,15 @@ class SavingsLedger:
         return "\n".join(lines)
 
     def write(self, output_dir: str) -> dict[str, str]:
-        """Write `sts_savings.json` (totals and every micro-batch) and `sts_savings.png`; return their paths."""
+        """Write `sts_savings.json` (totals and every micro-batch) and, for a sparsified run, `sts_savings.png`;
+        return their paths."""
         os.makedirs(output_dir, exist_ok=True)
-        paths = {"json": os.path.join(output_dir, "sts_savings.json"), "plot": os.path.join(output_dir, "sts_savings.png")}
+        paths = {"json": os.path.join(output_dir, "sts_savings.json")}
         with open(paths["json"], "w") as f:
             json.dump({"totals": self.totals(), "micro_batches": [asdict(r) for r in self.records]}, f, indent=1)
-        self.plot(paths["plot"])
+        if self.records:
+            paths["plot"] = os.path.join(output_dir, "sts_savings.png")
+            self.plot(paths["plot"])
         return paths
 
     def plot(self, path: str) -> None:
@@ -99,16 +127,19 @@ class SavingsLedger:
         axes[1].set_xlabel("micro-batch")
 
         dense, actual, total_dense, total_actual = [], [], 0.0, 0.0
-        for r in self.records:
-            total_dense += r.dense_flops
-            total_actual += r.actual_flops
-            dense.append(total_dense)
-            actual.append(total_actual)
-        axes[2].plot(x, dense, label="dense")
-        axes[2].plot(x, actual, label="actual (STS)")
+        if self.flops_not_counted is None:
+            for r in self.records:
+                total_dense += r.dense_flops
+                total_actual += r.actual_flops
+                dense.append(total_dense)
+                actual.append(total_actual)
+            axes[2].plot(x, dense, label="dense")
+            axes[2].plot(x, actual, label="actual (STS)")
+            axes[2].legend()
+        else:
+            axes[2].text(0.5, 0.5, "FLOPs not counted", ha="center", va="center", transform=axes[2].transAxes)
         axes[2].set_title("cumulative training FLOPs")
         axes[2].set_xlabel("micro-batch")
-        axes[2].legend()
         fig.suptitle(f"STS savings, {self.stage} stage")
         fig.tight_layout()
         fig.savefig(path, dpi=80)

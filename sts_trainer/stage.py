@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import ModelParts, find_parts
+from .architectures import OVERRIDE_OPTIONS, ModelParts, UnknownArchitectureError, find_parts, unwrap
 
 
 @dataclass
@@ -15,8 +15,13 @@ class SparsityPlan:
     vtc: bool
     lds: bool
     parts: ModelParts | None  # None when neither component runs
+    # Why STS leaves the run dense although it was not switched off: 'auto' on a model it cannot sparsify.
+    not_sparsified: str | None = None
+    note: str | None = None  # worth a warning: how the stage was detected, where that may surprise
 
     def describe(self, args) -> str:
+        if self.not_sparsified is not None:
+            return f"STS: not sparsified: {self.not_sparsified}"
         parts = [f"stage={self.stage}"]
         if self.vtc:
             # M-RoPE models always keep the full sequence's positions (see architectures.py)
@@ -37,18 +42,60 @@ class SparsityPlan:
         return "STS: " + ", ".join(parts)
 
 
-def detect_stage(parts: ModelParts) -> str:
-    """'alignment' when no language-model parameter is trainable (LoRA adapters on it count), else 'instruction'."""
-    trainable = any(p.requires_grad for p in parts.language_model_parameters())
-    return "instruction" if trainable else "alignment"
+def detect_stage(parts: ModelParts) -> tuple[str, str | None]:
+    """'instruction' when a decoder-layer parameter is trainable (LoRA adapters in the layers count), else 'alignment';
+    and a note for the log where the answer may surprise.
+
+    Decoder layers decide, not the whole language model: stage-1 recipes that also train the token embeddings or the
+    LM head (new special tokens) are still alignment, and the note says so.
+    """
+    if not any(p.requires_grad for p in parts.model.parameters()):
+        raise ValueError(
+            f"No parameter of the model ({type(parts.model).__name__}) requires grad, so there is nothing to train. "
+            "Unfreeze the parts this stage trains (the projector in alignment, the language model in instruction "
+            "tuning), or add adapters."
+        )
+    if any(p.requires_grad for p in parts.layers.parameters()):
+        return "instruction", None
+    in_layers = {id(p) for p in parts.layers.parameters()}
+    if any(p.requires_grad and id(p) not in in_layers for p in parts.language_model_parameters()):
+        return "alignment", (
+            "the language model's embeddings or LM head train but none of its decoder layers do, so the stage is "
+            "'alignment' (VTC on, LDS off). Set sts_stage='instruction' if this is instruction tuning."
+        )
+    return "alignment", None
+
+
+def _asks_for_sparsity(args) -> bool:
+    """The user asked for STS explicitly: a stage named, a component forced on, or a part of the model named."""
+    named = (args.sts_decoder_layers, args.sts_projector, args.sts_image_token_id)
+    return args.sts_stage in ("alignment", "instruction") or "on" in (args.sts_vtc, args.sts_lds) or any(
+        value is not None for value in named
+    )
 
 
 def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
-    """Resolve `args.sts_stage` and the `sts_vtc` / `sts_lds` switches against `model` as it is now."""
+    """Resolve `args.sts_stage` and the `sts_vtc` / `sts_lds` switches against `model` as it is now.
+
+    With `sts_stage='auto'` and nothing else asked for, a model whose architecture STS does not know (GPT-2, BERT, a
+    custom module) is not sparsified: the plan says why, and the run is plain `Trainer`. Asked for explicitly, the
+    architecture error stands.
+    """
     if args.sts_stage == "none" and args.sts_vtc != "on" and args.sts_lds != "on":
         return SparsityPlan(stage="none", vtc=False, lds=False, parts=None)
-    parts = find_parts(model, args.sts_projector, args.sts_decoder_layers, args.sts_image_token_id)
-    stage = detect_stage(parts) if args.sts_stage == "auto" else args.sts_stage
+    try:
+        parts = find_parts(model, args.sts_projector, args.sts_decoder_layers, args.sts_image_token_id)
+    except UnknownArchitectureError:
+        if _asks_for_sparsity(args):
+            raise
+        base = unwrap(model)
+        model_type = getattr(getattr(base, "config", None), "model_type", None)
+        reason = (
+            f"sts_trainer does not know the architecture {model_type!r} ({type(base).__name__}), so this run trains "
+            f"as plain Trainer. To sparsify it, name its parts with {OVERRIDE_OPTIONS}."
+        )
+        return SparsityPlan(stage="none", vtc=False, lds=False, parts=None, not_sparsified=reason)
+    stage, note = detect_stage(parts) if args.sts_stage == "auto" else (args.sts_stage, None)
     vtc = args.sts_vtc == "on" or (args.sts_vtc == "auto" and stage == "alignment" and parts.is_multimodal)
     lds = args.sts_lds == "on" or (args.sts_lds == "auto" and stage == "instruction")
     if vtc and not parts.is_multimodal:
@@ -56,4 +103,4 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
             f"sts_vtc='on' but the model ({parts.model_type}) has no visual tokens to compress; "
             "use sts_vtc='auto' or 'off'."
         )
-    return SparsityPlan(stage=stage, vtc=vtc, lds=lds, parts=parts if (vtc or lds) else None)
+    return SparsityPlan(stage=stage, vtc=vtc, lds=lds, parts=parts if (vtc or lds) else None, note=note)

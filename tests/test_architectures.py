@@ -467,6 +467,34 @@ def test_sparsity_off_trains_exactly_like_trainer(model_type, out_dir):
     assert_same_weights(*models)
 
 
+def _logits(predictions):
+    """The logits among the predictions: a tuple when the model returns more than logits (Qwen2-VL: rope_deltas)."""
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
+@pytest.mark.parametrize("model_type", VLMS)
+def test_predict_and_evaluate_with_metrics_after_sts_training(model_type, out_dir):
+    """transformers 5.24 VLM outputs carry each encoder's output (`image_outputs`, with None hidden states): the
+    evaluation loop must get logits, as with a model that returns only them."""
+    arch = ARCHS[model_type]
+    samples = arch.samples(6)
+    args = args_for(out_dir, per_device_eval_batch_size=4, vtc_keep_ratio=KEEP)
+    trainer = STSTrainer(
+        model=for_alignment(arch.model()), args=args, train_dataset=ListDataset(samples), eval_dataset=ListDataset(samples),
+        data_collator=arch.collate,
+        compute_metrics=lambda p: {"rows": float(len(p.label_ids)), "vocab": float(_logits(p.predictions).shape[-1])},
+    )
+    trainer.train()
+    assert trainer.sts_plan.vtc
+    metrics = trainer.evaluate()
+    assert metrics["eval_rows"] == 6 and metrics["eval_vocab"] == VOCAB and metrics["eval_loss"] > 0
+    output = trainer.predict(ListDataset(samples))
+    logits = _logits(output.predictions)
+    # dense at prediction: the full sequence's logits, padded to the longest row across batches
+    assert logits.shape == (6, max(len(s["input_ids"]) for s in samples), VOCAB)
+    assert output.metrics["test_rows"] == 6
+
+
 # ---- what the language model receives: positions, per-token types, newline tokens ------------------------------------
 
 

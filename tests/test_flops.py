@@ -1,13 +1,16 @@
 """Analytic FLOPs (`sts_trainer.flops`): hand-computed counts, sparse vs dense, and agreement with PyTorch's counter."""
 
 import pytest
+from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+from sts_trainer.architectures import find_parts
 from sts_trainer.flops import TrainingStep, expected_executed_fraction, step_flops, visual_tokens_per_image
 from sts_trainer.layer_skip import LayerSkipper
 from sts_trainer.tiny import IMAGE_TOKEN_ID, collate, synthetic_samples, tiny_llava, tiny_llava_config
 from sts_trainer.token_compression import TokenCompressor, num_kept
+from sts_trainer.trainer import _trainable_parts
 
 
 def hand_config() -> LlavaConfig:
@@ -205,3 +208,25 @@ def test_expected_executed_fraction():
     assert expected_executed_fraction(32, steps, 0.5, 0.5, "linear") == pytest.approx(1 - 0.5 * 101 / 200)
     # clamping: alpha = 1, eps = 1, L = 3 gives depth factors 0, 1, 2 -> probabilities 0, 1, 1 (clamped)
     assert expected_executed_fraction(3, 5, 1.0, 1.0, "constant") == pytest.approx(1 / 3)
+
+
+def test_matches_pytorch_flop_counter_with_lora():
+    """LoRA on every linear layer of the language model, the projector trained in full (LLaVA's LoRA recipe): the
+    frozen base weights pay no weight gradient; the adapters pay forward, weight and input gradients."""
+    config = tiny_llava_config()
+    batch = collate(synthetic_samples(4, config))
+    batch_size, length = batch["input_ids"].shape
+    model = _train_only(tiny_llava(), vision=False, projector=False, llm=False)
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, modules_to_save=["multi_modal_projector"]))
+    parts = find_parts(model)
+    trains = _trainable_parts(parts)
+    assert not trains["train_llm"] and trains["train_projector"]
+    # per layer: r * (in + out) for q, k, v, o (64 -> 64, 32, 32, 64) and gate, up, down (64 <-> 128)
+    assert trains["llm_adapter_weights_per_layer"] == 4 * (128 + 96 + 96 + 128 + 3 * 192)
+    measured = _measure(model, batch)
+    step = TrainingStep(batch_size, length - 16, 1, 16, **trains)
+    assert step_flops(config, step)["total"] == pytest.approx(measured, rel=0.01)
+    # counting the frozen base weights' gradients, as before, is far off
+    full = TrainingStep(batch_size, length - 16, 1, 16, train_projector=True, train_llm=True)
+    assert step_flops(config, full)["total"] > 1.2 * measured
