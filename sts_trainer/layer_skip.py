@@ -1,10 +1,11 @@
 """Layer Dynamic Skipper (LDS): skip whole decoder layers, forward and backward, during instruction tuning.
 
 A skipped layer is the identity on the residual stream and its module is not called at all: no forward, no
-activations kept for backward, no weight gradient, no hooks (so no ZeRO-3 parameter gather). Skipping works by giving
-each decoder layer a subclass of its own class whose `__call__` returns the hidden states unchanged when the layer is
-marked skipped; the module tree, the parameters and the `state_dict` keys are those of the unpatched model, and
-`remove()` restores the original classes exactly.
+activations kept for backward, no weight gradient, no hooks (so no ZeRO-3 parameter gather) except transformers' own
+`output_hidden_states` recorder, so the hidden states keep one entry per layer. Skipping works by giving each decoder
+layer a subclass of its own class whose `__call__` returns the hidden states unchanged when the layer is marked
+skipped; the module tree, the parameters and the `state_dict` keys are those of the unpatched model, `remove()`
+restores the original classes exactly, and pickling or deep-copying a patched model gives the unpatched one.
 """
 
 import numpy as np
@@ -54,19 +55,35 @@ class _SkippableLayer:
     """
 
     _sts_skip = False
+    _sts_original_class: type  # the layer's own class, set on each generated subclass
 
     def __call__(self, *args, **kwargs):
         if self._sts_skip and self.training:
-            return args[0] if args else kwargs["hidden_states"]
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            # transformers 5 collects `output_hidden_states` with forward hooks on each decoder layer (installed once by
+            # `capture_outputs`, inert unless a forward asked for hidden states). Run those and only those: the skipped
+            # layer's output, its input, is still recorded (1 + num_layers entries), while every other hook, such as
+            # ZeRO-3's parameter gather, stays silent. `output_attentions` has no entry for a skipped layer.
+            for hook in self._forward_hooks.values():
+                if hook.__module__ == "transformers.utils.output_capturing":
+                    hook(self, args or (hidden_states,), hidden_states)
+            return hidden_states
         output = super().__call__(*args, **kwargs)
         if self.training and not isinstance(output, torch.Tensor):
-            cls = type(self).__mro__[2]  # the layer's own class, behind this mixin and the Skippable subclass
             raise TypeError(
-                f"LDS cannot skip {cls.__name__}: it returns a {type(output).__name__}, not the hidden-states tensor, "
-                "so a skipped layer (which returns its input) would not fit its caller. Make the decoder layer "
-                "return the hidden states tensor, or turn LDS off with sts_lds='off'."
+                f"LDS cannot skip {self._sts_original_class.__name__}: it returns a {type(output).__name__}, not the "
+                "hidden-states tensor, so a skipped layer (which returns its input) would not fit its caller. Make the "
+                "decoder layer return the hidden states tensor, or turn LDS off with sts_lds='off'."
             )
         return output
+
+    def __reduce_ex__(self, protocol):
+        # Pickling (torch.save of a whole model) and copy.deepcopy see the layer's own class without `_sts_skip`: the
+        # generated class exists only in this process, so a saved model loads where sts_trainer was never imported, and
+        # a copy (an EMA model, say) is a plain model that no skipper drives and that `remove()` need not undo.
+        # (Not `copyreg.__newobj__`, which pickle refuses for a class other than the object's own.)
+        state = {k: v for k, v in self.__getstate__().items() if k != "_sts_skip"}
+        return object.__new__, (self._sts_original_class,), state
 
 
 _SKIPPABLE_CLASSES: dict[type, type] = {}
@@ -74,7 +91,8 @@ _SKIPPABLE_CLASSES: dict[type, type] = {}
 
 def _skippable_class(cls: type) -> type:
     if cls not in _SKIPPABLE_CLASSES:
-        _SKIPPABLE_CLASSES[cls] = type(f"Skippable{cls.__name__}", (_SkippableLayer, cls), {"__module__": cls.__module__})
+        namespace = {"__module__": cls.__module__, "_sts_original_class": cls}
+        _SKIPPABLE_CLASSES[cls] = type(f"Skippable{cls.__name__}", (_SkippableLayer, cls), namespace)
     return _SKIPPABLE_CLASSES[cls]
 
 

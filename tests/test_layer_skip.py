@@ -1,3 +1,5 @@
+import copy
+import io
 import json
 import os
 import subprocess
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
 
 from sts_trainer import STSTrainer, skip_probability
-from sts_trainer.layer_skip import LayerSkipper, decision_generator
+from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer, decision_generator
 from sts_trainer.tiny import tiny_llava
 
 from .helpers import plain_training_args, train, training_args
@@ -96,6 +98,97 @@ def test_patching_is_reversible_and_keeps_state_dict_keys_and_eval_logits():
     skipper.remove()
     assert [type(layer) for layer in layers_of(model)] == classes
     assert all("_sts_skip" not in vars(layer) for layer in layers_of(model))
+
+
+def installed_with_every_layer_skipped(model):
+    skipper = LayerSkipper(layers_of(model), 1.0, 0.0, "constant", seed=0)
+    skipper.install()
+    skipper.decide(0, 10, 0)  # p = 1 everywhere: every layer marked skipped
+    return skipper
+
+
+def test_a_model_pickled_while_installed_loads_as_the_unpatched_model():
+    model, reference = tiny_llava(), tiny_llava()
+    classes = [type(layer) for layer in layers_of(model)]
+    installed_with_every_layer_skipped(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(layer) for layer in layers_of(loaded)] == classes
+    assert all("_sts_skip" not in vars(layer) for layer in layers_of(loaded))
+    assert all(layer._sts_skip and isinstance(layer, _SkippableLayer) for layer in layers_of(model))  # still installed
+    # in training, where the saved model skips every layer, the loaded one runs them all, as the unpatched model does
+    ids = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded.train()(input_ids=ids).logits, reference.train()(input_ids=ids).logits)
+
+
+def test_a_deepcopy_while_installed_is_the_unpatched_model_and_the_original_stays_installed():
+    model, reference = tiny_llava(), tiny_llava()
+    installed_with_every_layer_skipped(model)
+    copied = copy.deepcopy(model)  # e.g. an EMA model taken during training
+    assert [type(layer) for layer in layers_of(copied)] == [type(layer) for layer in layers_of(reference)]
+    assert all("_sts_skip" not in vars(layer) for layer in layers_of(copied))
+    assert all(layer._sts_skip and isinstance(layer, _SkippableLayer) for layer in layers_of(model))
+    ids = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(copied.train()(input_ids=ids).logits, reference.train()(input_ids=ids).logits)
+
+
+def test_a_model_pickled_while_installed_loads_without_sts_trainer(tmp_path):
+    model = tiny_llava()
+    installed_with_every_layer_skipped(model)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    check = (
+        "import sys, torch; model = torch.load(sys.argv[1], weights_only=False); "
+        "assert not [name for name in sys.modules if name.split('.')[0] == 'sts_trainer'], 'sts_trainer imported'; "
+        "print(sorted({type(layer).__name__ for layer in model.model.language_model.layers}))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", check, str(path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['LlamaDecoderLayer']"
+
+
+def test_output_hidden_states_has_one_entry_per_layer_and_a_skipped_layer_runs_no_other_hook():
+    model, reference = tiny_llava(), tiny_llava()
+    layers = layers_of(model)
+    skipper = LayerSkipper(layers, 1.0, 0.0, "constant", seed=0)
+    skipper.install()
+    for i, layer in enumerate(layers):
+        layer._sts_skip = i in (1, 2)
+    # stand-ins for ZeRO-3's parameter gather/release hooks, registered on every layer
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda module, args, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+        layer.register_forward_hook(lambda module, args, output, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+    ids = torch.randint(1, 100, (2, 12))
+    # what the skips amount to: the model without layers 1 and 2
+    without = tiny_llava()
+    del layers_of(without)[1:3]
+    with torch.no_grad():
+        out = model.train()(input_ids=ids, output_hidden_states=True)
+        expected = without.train()(input_ids=ids, output_hidden_states=True)
+    assert calls == [2, 0, 0, 2]
+    hidden = out.hidden_states
+    assert len(hidden) == 1 + len(layers)
+    assert hidden[2] is hidden[1] and hidden[3] is hidden[1]  # a skipped layer's output is its input
+    assert all(torch.equal(hidden[i], expected.hidden_states[j]) for i, j in [(0, 0), (1, 1), (4, 2)])
+    assert torch.equal(out.logits, expected.logits)
+    # eval mode: no skips, so exactly the unpatched model's hidden states, with every layer's hooks run
+    calls[:] = [0] * len(layers)
+    with torch.no_grad():
+        out = model.eval()(input_ids=ids, output_hidden_states=True)
+        dense = reference.eval()(input_ids=ids, output_hidden_states=True)
+    assert calls == [2] * len(layers)
+    assert len(out.hidden_states) == len(dense.hidden_states) == 1 + len(layers)
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, dense.hidden_states))
+    assert torch.equal(out.logits, dense.logits)
 
 
 # ---- in training ---------------------------------------------------------------------------------------------------
