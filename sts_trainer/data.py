@@ -31,6 +31,8 @@ IMAGE_TOKEN = "<image>"  # LLaVA's placeholder in the data's text, one per image
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's `from` -> chat role
 CONVERSATION_FORMATS = ("chat", "plain")
 CONVERSATION_FORMAT_CHOICES = ("auto", *CONVERSATION_FORMATS)
+CHAT_TEMPLATE_CHOICES = ("auto", "llava", "processor")  # or the path of a Jinja file
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 PADDING_SIDES = ("right", "left")
 
 # Renders a message's content: a string, or a list of {"type": "image"} / {"type": "text", "text"} blocks.
@@ -97,6 +99,17 @@ class DataArguments:
             "choices": list(CONVERSATION_FORMAT_CHOICES),
         },
     )
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "The chat template that turns conversations into text ('chat' format), saved with the processor "
+            "in output_dir so that the next stage and inference use the same one. It must mark the assistant replies "
+            "(the tokens that get labels) with a Jinja 'generation' block, which most hub processors' templates lack. "
+            "'auto': the processor's template if it has such a block, else 'llava' (with a warning). 'llava': "
+            "LLaVA-1.5's 'USER: ... ASSISTANT: ...' template (sts_trainer.data.CHAT_TEMPLATE). 'processor': the "
+            "processor's own; an error if it has no such block. Or the path of a Jinja file holding the template."
+        },
+    )
     skip_bad_samples: bool = field(
         default=False,
         metadata={
@@ -120,6 +133,57 @@ class DataArguments:
             raise ValueError(
                 f"conversation_format must be one of {CONVERSATION_FORMAT_CHOICES}, got {self.conversation_format!r}."
             )
+        if self.chat_template not in CHAT_TEMPLATE_CHOICES:
+            _read_template_file(self.chat_template)  # a bad file fails here, before a model loads
+
+
+def has_generation_block(template: str | None) -> bool:
+    """Whether a chat template marks the assistant replies with `{% generation %}` (as `CHAT_TEMPLATE` does)."""
+    return bool(template and _GENERATION_BLOCK.search(template))
+
+
+def _read_template_file(path: str) -> str:
+    """The chat template in the Jinja file that --chat_template names, which must have a `{% generation %}` block."""
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--chat_template {path!r} is neither one of {CHAT_TEMPLATE_CHOICES} nor a file; give one of those, or "
+            "the path of a Jinja file holding a chat template."
+        )
+    with open(path) as f:
+        template = f.read()
+    if not has_generation_block(template):
+        raise ValueError(
+            f"The chat template in {path} (--chat_template) has no {{% generation %}} block, so the assistant "
+            "replies to train on cannot be found; put {% generation %}...{% endgeneration %} around each reply and "
+            "its end-of-turn token, as sts_trainer.data.CHAT_TEMPLATE does."
+        )
+    return template
+
+
+def resolve_chat_template(choice: str, processor_template: str | None) -> str:
+    """The chat template that `choice` (`DataArguments.chat_template`) picks for a processor that has
+    `processor_template` (None for none). 'auto' logs a warning when it falls back to `CHAT_TEMPLATE`."""
+    if choice == "llava":
+        return CHAT_TEMPLATE
+    if choice not in CHAT_TEMPLATE_CHOICES:
+        return _read_template_file(choice)
+    if has_generation_block(processor_template):
+        return processor_template
+    problem = "is missing"
+    if processor_template:
+        problem = "has no {% generation %} block to mark the assistant replies to train on"
+    if choice == "processor":
+        raise ValueError(
+            f"--chat_template processor: the processor's chat template {problem}. Pass --chat_template auto or llava "
+            "(LLaVA-1.5's template, sts_trainer.data.CHAT_TEMPLATE), or --chat_template path/to/template.jinja with a "
+            "{% generation %} block around each reply."
+        )
+    logger.warning(
+        f"--chat_template auto: the processor's chat template {problem}, so LLaVA-1.5's template "
+        "(sts_trainer.data.CHAT_TEMPLATE, 'USER: ... ASSISTANT: ...') is used instead and saved with the processor. "
+        "Pass --chat_template llava to choose it, or processor or path/to/template.jinja for another."
+    )
+    return CHAT_TEMPLATE
 
 
 class _BadSample(Exception):
@@ -200,10 +264,11 @@ class LazyLlavaDataset(torch.utils.data.Dataset):
         self.model_max_length = model_max_length
         self.skip_bad_samples = skip_bad_samples
         self.chat_template = PLAIN_TEMPLATE if conversation_format == "plain" else processor.chat_template
-        if not re.search(r"\{%-?\s*generation\s*-?%\}", self.chat_template or ""):
+        if not has_generation_block(self.chat_template):
             raise ValueError(
                 "The processor's chat template has no {% generation %} block, so the assistant replies to train on "
-                "cannot be found. Give it one, e.g. `processor.chat_template = sts_trainer.data.CHAT_TEMPLATE`."
+                "cannot be found. With sts-train pass --chat_template auto, llava or path/to/template.jinja (one with "
+                "such a block); in Python set `processor.chat_template = sts_trainer.data.CHAT_TEMPLATE`."
             )
         self.skipped: list[tuple[int, str, str]] = []
         records = _read_records(data_path)
@@ -227,7 +292,9 @@ class LazyLlavaDataset(torch.utils.data.Dataset):
     ) -> "LazyLlavaDataset":
         """The training data set (`args.data_path`) or, with `evaluation=True`, the evaluation one.
 
-        `conversation_format='auto'` is the chat template here; the command line resolves it per stage first.
+        `conversation_format='auto'` is the chat template here; the command line resolves it per stage first. The
+        chat template is the processor's: the command line sets `processor.chat_template` from `args.chat_template`
+        (with `resolve_chat_template`) first.
         """
         conversation_format = "chat" if args.conversation_format == "auto" else args.conversation_format
         return cls(

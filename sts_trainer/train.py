@@ -15,6 +15,7 @@ fully or with LoRA, with the Layer Dynamic Skipper. The STS options are those of
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -38,7 +39,14 @@ from transformers.integrations import deepspeed as hf_deepspeed
 
 from .architectures import find_parts
 from .arguments import STSTrainingArguments
-from .data import CHAT_TEMPLATE, DataArguments, LazyLlavaDataset, LlavaDataCollator, ModalityLengthGroupedSampler
+from .data import (
+    CHAT_TEMPLATE,
+    DataArguments,
+    LazyLlavaDataset,
+    LlavaDataCollator,
+    ModalityLengthGroupedSampler,
+    resolve_chat_template,
+)
 from .trainer import STSTrainer
 
 logger = logging.getLogger("sts_trainer")
@@ -89,7 +97,8 @@ class ModelArguments:
         metadata={"help": "Comma-separated module names to adapt. Default: every linear layer of the language model."},
     )
     projector_lr: float | None = field(
-        default=None, metadata={"help": "A learning rate of its own for the projector (default: --learning_rate)."}
+        default=None,
+        metadata={"help": "A learning rate of its own for the projector, > 0 (default: --learning_rate)."},
     )
     merge_lora: bool = field(
         default=False,
@@ -111,6 +120,22 @@ class ModelArguments:
             raise ValueError("--lora_enable adapts the language model, which only trains in the instruction stage.")
         if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_r must be >= 1 and lora_dropout in [0, 1); got {self.lora_r}, {self.lora_dropout}.")
+        if self.projector_lr is not None and not (math.isfinite(self.projector_lr) and self.projector_lr > 0):
+            raise ValueError(f"--projector_lr must be a positive, finite learning rate; got {self.projector_lr}.")
+
+
+def check_stages(model_args: ModelArguments, training_args: STSTrainingArguments) -> None:
+    """Warn when --sts_stage names the other stage than --training_stage: STS follows --sts_stage (its 'auto' follows
+    what trains), while what trains follows --training_stage."""
+    sts_stage, training_stage = training_args.sts_stage, model_args.training_stage
+    if sts_stage in TRAINING_STAGES and sts_stage != training_stage:
+        components = {"alignment": "the Visual Token Compressor", "instruction": "the Layer Dynamic Skipper"}
+        logger.warning(
+            f"--sts_stage {sts_stage} overrides what --training_stage {training_stage} would pick: STS applies "
+            f"{components[sts_stage]} (the {sts_stage} stage's) instead of {components[training_stage]}, while the "
+            f"parameters that train are still those of the {training_stage} stage. Pass --sts_stage auto to follow "
+            "the training stage."
+        )
 
 
 @contextlib.contextmanager
@@ -276,9 +301,10 @@ def save_outputs(trainer: LlavaTrainer, model_args: ModelArguments, processor) -
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: STSTrainingArguments) -> dict:
     """Train one stage; return a summary (steps, wall-clock, final loss, STS savings, skipped samples)."""
+    check_stages(model_args, training_args)
     model, processor = load_model(model_args)
-    if not processor.chat_template:
-        processor.chat_template = CHAT_TEMPLATE
+    # Also the template saved with the processor, so that the next stage and inference use the same one.
+    processor.chat_template = resolve_chat_template(data_args.chat_template, processor.chat_template)
     model = set_trainable(model, model_args)
     if data_args.conversation_format == "auto":
         data_args.conversation_format = "plain" if model_args.training_stage == "alignment" else "chat"

@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -13,11 +15,13 @@ from sts_trainer.data import (
     LazyLlavaDataset,
     LlavaDataCollator,
     ModalityLengthGroupedSampler,
+    resolve_chat_template,
     to_messages,
 )
 from sts_trainer.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
 
 TOKENS_PER_IMAGE = (32 // 8) ** 2
+NO_GENERATION_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +259,41 @@ def test_all_bad_is_an_error(world, processor, tmp_path):
 
 def test_template_without_generation_block_is_refused(world, processor):
     template = processor.chat_template
-    processor.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    processor.chat_template = NO_GENERATION_TEMPLATE
     try:
-        with pytest.raises(ValueError, match="generation"):
+        with pytest.raises(ValueError, match="generation.*--chat_template auto, llava or path/to/template.jinja"):
             LazyLlavaDataset(world["data_path"], processor, image_folder=world["image_folder"])
     finally:
         processor.chat_template = template
+
+
+def test_chat_template_choices(tmp_path, caplog):
+    own = CHAT_TEMPLATE.replace("USER:", "User:")  # a processor's own template, with a generation block
+    with caplog.at_level(logging.WARNING, logger="sts_trainer"):
+        assert resolve_chat_template("auto", own) == resolve_chat_template("processor", own) == own
+        assert resolve_chat_template("llava", own) == resolve_chat_template("llava", None) == CHAT_TEMPLATE
+    assert not caplog.records
+    for template in (NO_GENERATION_TEMPLATE, None):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sts_trainer"):
+            assert resolve_chat_template("auto", template) == CHAT_TEMPLATE
+        assert len(caplog.records) == 1 and "--chat_template auto" in caplog.records[0].getMessage()
+        assert "CHAT_TEMPLATE" in caplog.records[0].getMessage()
+        with pytest.raises(ValueError, match="--chat_template processor: .*--chat_template auto or llava"):
+            resolve_chat_template("processor", template)
+
+    path = tmp_path / "template.jinja"
+    path.write_text(own)
+    assert DataArguments(chat_template=str(path)).chat_template == str(path)
+    assert resolve_chat_template(str(path), NO_GENERATION_TEMPLATE) == own
+    path.write_text(NO_GENERATION_TEMPLATE)
+    with pytest.raises(ValueError, match=re.escape(f"{path} (--chat_template) has no {{% generation %}} block")):
+        DataArguments(chat_template=str(path))
+    with pytest.raises(ValueError, match="--chat_template 'vicuna' is neither one of .*'llava'.* nor a file"):
+        DataArguments(chat_template="vicuna")
+    (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(["--chat_template", "llava"])
+    assert args.chat_template == "llava" and DataArguments().chat_template == "auto"
+    assert "'processor'" in HfArgumentParser(DataArguments).format_help()  # argparse %-formats help texts
 
 
 def test_modality_grouped_sampler_keeps_each_group_to_one_modality():

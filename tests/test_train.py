@@ -1,7 +1,10 @@
-"""The command line end to end on the demo's synthetic data: both stages, LoRA, resume, bad input, DeepSpeed."""
+"""The command line end to end on the demo's synthetic data: both stages, LoRA, resume, bad input, chat templates,
+option checks, DeepSpeed."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
+from sts_trainer.data import CHAT_TEMPLATE
 from sts_trainer.demo import DemoArguments, build_assets
 from sts_trainer.synthetic import write_dataset
-from sts_trainer.train import main
+from sts_trainer.train import check_stages, main, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,3 +215,79 @@ def test_projector_learning_rate_and_modality_grouping(world, stage1, tmp_path):
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ModalityLengthGroupedSampler)
     assert sorted(sampler) == list(range(len(dataset)))
+
+
+NO_GENERATION_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+@pytest.fixture(scope="module")
+def no_generation_model(world, stage1):
+    """Stage 1's output with a chat template like most hub processors': no {% generation %} block."""
+    path = world["root"] / "no_generation"
+    shutil.copytree(stage1[0], path)
+    (path / "chat_template.jinja").write_text(NO_GENERATION_TEMPLATE)
+    assert AutoProcessor.from_pretrained(path).chat_template == NO_GENERATION_TEMPLATE
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def no_generation_language_model(world):
+    """The language model to compose from, its tokenizer shipping a chat template without a {% generation %} block."""
+    path = world["root"] / "no_generation_language_model"
+    shutil.copytree(world["language_model"], path)
+    (path / "chat_template.jinja").write_text(NO_GENERATION_TEMPLATE)
+    return str(path)
+
+
+@pytest.mark.parametrize("source, choice", [("processor", "auto"), ("processor", "llava"), ("tokenizer", "auto")])
+def test_chat_template_without_generation_block_falls_back_to_llava(
+    world, no_generation_model, no_generation_language_model, tmp_path, caplog, source, choice
+):
+    if source == "processor":
+        model = ["--model_name_or_path", no_generation_model]
+    else:  # composing: the processor takes the tokenizer's template
+        model = ["--language_model", no_generation_language_model, "--vision_tower", world["vision_tower"]]
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="sts_trainer"):
+        summary = main([*model, "--training_stage", "instruction", "--chat_template", choice,
+                        *data(world, "instruction"), *common(out, steps=1)])
+    assert summary["steps"] == 1
+    assert AutoProcessor.from_pretrained(out).chat_template == CHAT_TEMPLATE  # what stage 2 / inference will use
+    warnings = [r.getMessage() for r in caplog.records if "--chat_template" in r.getMessage()]
+    assert len(warnings) == (choice == "auto")
+
+
+def test_chat_template_processor_or_a_file(world, no_generation_model, tmp_path):
+    args = ["--model_name_or_path", no_generation_model, "--training_stage", "instruction", *data(world, "instruction")]
+    with pytest.raises(ValueError, match="--chat_template processor: .*--chat_template auto or llava"):
+        main([*args, "--chat_template", "processor", *common(tmp_path / "processor", steps=1)])
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATE + "{# from a file #}")
+    summary = main([*args, "--chat_template", str(template), *common(tmp_path / "file", steps=1)])
+    assert summary["steps"] == 1
+    assert AutoProcessor.from_pretrained(tmp_path / "file").chat_template == template.read_text()
+    template.write_text(NO_GENERATION_TEMPLATE)
+    with pytest.raises(ValueError, match=re.escape(f"{template} (--chat_template) has no {{% generation %}} block")):
+        main([*args, "--chat_template", str(template), *common(tmp_path / "bad", steps=1)])
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "inf", "nan"])
+def test_projector_lr_must_be_positive_and_finite(tmp_path, value):
+    with pytest.raises(ValueError, match="--projector_lr must be a positive, finite learning rate"):
+        parse(["--model_name_or_path", "m", "--projector_lr", value, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "training_stage, sts_stage, warns",
+    [("alignment", "instruction", True), ("instruction", "alignment", True), ("alignment", "alignment", False),
+     ("instruction", "auto", False), ("alignment", "none", False)],
+)
+def test_sts_stage_naming_the_other_training_stage_warns(tmp_path, caplog, training_stage, sts_stage, warns):
+    model_args, _, training_args = parse(["--model_name_or_path", "m", "--training_stage", training_stage,
+                                          "--sts_stage", sts_stage, "--output_dir", str(tmp_path)])
+    with caplog.at_level(logging.WARNING, logger="sts_trainer"):
+        check_stages(model_args, training_args)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == warns
+    if warns:
+        assert f"--sts_stage {sts_stage} overrides what --training_stage {training_stage} would pick" in messages[0]
