@@ -66,7 +66,7 @@ def detect_stage(parts: ModelParts) -> tuple[str, str | None]:
     return "alignment", None
 
 
-def _asks_for_sparsity(args) -> bool:
+def asks_for_sparsity(args) -> bool:
     """The user asked for STS explicitly: a stage named, a component forced on, or a part of the model named."""
     named = (args.sts_decoder_layers, args.sts_projector, args.sts_image_token_id)
     return args.sts_stage in ("alignment", "instruction") or "on" in (args.sts_vtc, args.sts_lds) or any(
@@ -86,7 +86,7 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
     try:
         parts = find_parts(model, args.sts_projector, args.sts_decoder_layers, args.sts_image_token_id)
     except UnknownArchitectureError:
-        if _asks_for_sparsity(args):
+        if asks_for_sparsity(args):
             raise
         base = unwrap(model)
         model_type = getattr(getattr(base, "config", None), "model_type", None)

@@ -6,15 +6,23 @@ position ids and per-token type ids (`token_type_ids`, `mm_token_type_ids`) are 
 nothing is misaligned. The kept features reach the model through its `mm_encoder_outputs` argument (or, for a custom
 model, as `inputs_embeds` built here), so gradients flow to the projector through the kept tokens only.
 
+Packed (padding-free) batches, several sequences per row told apart by position ids that restart and no attention
+mask, stay packed: each sequence is shortened on its own and no attention mask is created (it would switch off
+transformers' detection of the packed sequences, see `find_packed_sequence_indices` in `transformers.masking_utils`).
+
 What differs between architectures (which inputs feed the vision path, newline tokens, tiles, M-RoPE positions) is
-data in `architectures.ARCHITECTURES`; `TokenCompressor` reads it.
+data in `architectures.ARCHITECTURES`; `TokenCompressor` reads it. Where each image's token grid comes from is
+`image_grids` here.
 """
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
+from jinja2 import TemplateError
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -28,6 +36,48 @@ TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 _ROPE_INPUTS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
 
+def _patches_per_side(config) -> int:
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+# The side of the square token grid of one image (or tile) of the fixed-resolution models, from their config.
+# Models not listed here and not in `image_grids` (LLaVA-NeXT / OneVision: a base tile plus an unpadded grid of
+# tiles, no single grid) have no known grid: `uniform` spaces their tokens evenly in raster order.
+_SQUARE_GRID_SIDE = {
+    "llava": _patches_per_side,
+    "paligemma": _patches_per_side,
+    "gemma3": lambda config: math.isqrt(config.mm_tokens_per_image),  # pooled to mm_tokens_per_image
+    "internvl": lambda config: math.isqrt(config.image_seq_length),  # after the pixel shuffle
+    "idefics3": lambda config: _patches_per_side(config) // config.scale_factor,  # after the pixel shuffle
+    "smolvlm": lambda config: _patches_per_side(config) // config.scale_factor,
+}
+
+
+def image_grids(config, vision_inputs: dict, sizes: list[int]) -> list[tuple[int, int] | None]:
+    """The grid (rows, cols) of language-model tokens of each image (or tile) of a batch, in batch order; None for an
+    image whose `sizes[i]` tokens are not a known grid.
+
+    - Qwen2-VL / Qwen2.5-VL: `image_grid_thw` (t, h, w) counts vision patches; the merger joins
+      `vision_config.spatial_merge_size`^2 of them into one token, in raster order: (t * h / merge, w / merge)
+      (t is 1 for an image);
+    - Mistral3: `image_sizes` (h, w) in pixels; Pixtral patches of `vision_config.patch_size`, merged by
+      `spatial_merge_size`: (h // (patch * merge), w // (patch * merge)), as `Mistral3Model.get_image_features`;
+    - fixed resolution (`_SQUARE_GRID_SIDE`): a square of the config's side, when the image has that many tokens.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        merge = config.vision_config.spatial_merge_size
+        grids = [(t * (h // merge), w // merge) for t, h, w in vision_inputs["image_grid_thw"].tolist()]
+    elif model_type == "mistral3":
+        ratio = config.vision_config.patch_size * config.spatial_merge_size
+        grids = [(h // ratio, w // ratio) for h, w in torch.as_tensor(vision_inputs["image_sizes"]).tolist()]
+    elif model_type in _SQUARE_GRID_SIDE:
+        side = _SQUARE_GRID_SIDE[model_type](config)
+        grids = [(side, side)] * len(sizes)
+    else:
+        grids = [None] * len(sizes)
+    return [grid if grid is not None and grid[0] * grid[1] == n else None for grid, n in zip(grids, sizes)]
+
 
 def num_kept(n: int, keep_ratio: float) -> int:
     """Tokens kept of an image of `n` tokens: max(1, round(keep_ratio * n)), rounded half up."""
@@ -39,17 +89,43 @@ def _centers(n: int, k: int) -> torch.Tensor:
     return ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).floor().long()
 
 
-def uniform_indices(n: int, k: int) -> torch.Tensor:
-    """`k` of `n` token indices evenly spaced over the image's token grid, ascending.
+def _kept_rows(k: int, rows: int, cols: int) -> int:
+    """How many rows of a rows x cols grid the k tokens kept by `uniform_indices` occupy."""
+    ideal = Fraction(k * rows, cols)  # the square of the row count that makes row and column strides equal
 
-    When both n and k are perfect squares (a square grid of s x s tokens, keeping t x t), the kept tokens form a
-    t x t lattice over the grid; otherwise they are evenly spaced in raster order.
+    def stride_ratio(r: int) -> Fraction:  # (row stride / column stride) or its inverse, >= 1
+        return max(r * r / ideal, ideal / (r * r))
+
+    # at most `cols` tokens per row, at most one row per token; ties go to more rows
+    candidates = range(-(-k // cols), min(rows, k) + 1)
+    best = min((r for r in candidates if k % r == 0), key=lambda r: (stride_ratio(r), -r), default=None)
+    if best is not None and stride_ratio(best) <= 2:
+        return best
+    return min(candidates, key=lambda r: (stride_ratio(r), -r))
+
+
+def uniform_indices(n: int, k: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """`k` of `n` token indices spread evenly over the image, ascending.
+
+    With the image's token `grid` (rows, cols), rows * cols = n, in raster order: the kept tokens lie on `kr` rows,
+    the centres of `kr` equal bands of rows, each row holding k / kr tokens at the centres of equal bands of columns.
+    `kr` is chosen so that the row stride (rows / kr) and the column stride (cols / (k / kr)) are as equal as possible,
+    i.e. the kept counts follow the image's aspect ratio: the divisor of k that does so best (a kr x k/kr lattice),
+    if its two strides are within a factor of 2 of each other; otherwise (k prime, say) the best row count, and the
+    rows hold floor or ceil of k / kr tokens each. So a 24 x 24 grid keeping 144 is the 12 x 12 lattice of stride 2,
+    a 2 x 8 grid keeping 4 is one row of 4 columns spread over the 8, a 16 x 64 grid keeping 256 is 8 x 32.
+    Without a grid (a token count that is no known grid) the tokens are evenly spaced in raster order.
     """
-    side, kept_side = math.isqrt(n), math.isqrt(k)
-    if side * side == n and kept_side * kept_side == k:
-        rows = _centers(side, kept_side)  # (t,)
-        return (rows[:, None] * side + rows[None, :]).flatten()
-    return _centers(n, k)
+    if grid is None:
+        return _centers(n, k)
+    rows, cols = grid
+    if rows * cols != n:
+        raise ValueError(f"The token grid {rows} x {cols} has {rows * cols} tokens, but the image has {n}.")
+    if k == n:
+        return torch.arange(n)
+    kr = _kept_rows(k, rows, cols)
+    per_row = [(i + 1) * k // kr - i * k // kr for i in range(kr)]  # k / kr each, or floor / ceil of it
+    return torch.cat([row * cols + _centers(cols, m) for row, m in zip(_centers(rows, kr).tolist(), per_row)])
 
 
 def random_indices(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -57,15 +133,75 @@ def random_indices(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=generator)[:k].sort().values
 
 
-def instruction_indices(features: torch.Tensor, query: torch.Tensor | None, k: int) -> torch.Tensor:
+def instruction_indices(
+    features: torch.Tensor, query: torch.Tensor | None, k: int, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """The `k` tokens of `features` (n, D) most cosine-similar to `query` (D,), ascending (original order kept).
 
-    With no instruction text (`query` None) the choice falls back to `uniform_indices`.
+    With no instruction text (`query` None) the choice falls back to `uniform_indices` over `grid`.
     """
     if query is None:
-        return uniform_indices(features.shape[0], k)
+        return uniform_indices(features.shape[0], k, grid)
     scores = F.cosine_similarity(features.detach().float(), query.detach().float()[None, :], dim=-1)  # (n,)
     return scores.topk(k).indices.sort().values.cpu()
+
+
+# Placeholder contents of the conversation `template_token_ids` renders: whatever is not inside them is the template's.
+_PLACEHOLDER = "placeholder"
+
+
+def template_token_ids(processing_class) -> set[int]:
+    """Ids of the tokens a tokenizer's or processor's chat template writes around the messages, and its special ids:
+    what the `instruction` strategy leaves out of its query (`TokenCompressor(query_ignore_ids=...)`).
+
+    The template is rendered on a short conversation (system, user, assistant, user, assistant) with placeholder
+    contents, and the ids of every token outside the contents are collected (by character offsets with a fast
+    tokenizer, else by tokenizing the text between the contents). A template that refuses a system turn is rendered
+    without it; contents are given as strings, or as lists of image and text blocks for templates that need those.
+    Without a chat template (or one that renders neither way) this is `all_special_ids`; `None` (no processing
+    class) gives an empty set.
+    """
+    if processing_class is None:
+        return set()
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    ids = set(tokenizer.all_special_ids)
+    template = getattr(processing_class, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return ids
+    rendered = _render_placeholder_chat(tokenizer, template)
+    if rendered is None:
+        return ids
+    pieces = rendered.split(_PLACEHOLDER)
+    if tokenizer.is_fast:
+        spans, start = [], 0  # character spans of the placeholders
+        for piece in pieces[:-1]:
+            start += len(piece)
+            spans.append((start, start + len(_PLACEHOLDER)))
+            start += len(_PLACEHOLDER)
+        encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        for token, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+            if not any(begin < stop and end > first for first, stop in spans):
+                ids.add(token)
+    else:
+        for piece in pieces:
+            ids.update(tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else [])
+    return ids
+
+
+def _render_placeholder_chat(tokenizer, template: str) -> str | None:
+    """The chat template rendered on a placeholder conversation, or None if it renders none of those tried."""
+    blocks = [{"type": "image"}, {"type": "text", "text": _PLACEHOLDER}]
+    for content in (_PLACEHOLDER, blocks):
+        for roles in (("system", "user", "assistant", "user", "assistant"), ("user", "assistant", "user", "assistant")):
+            messages = [{"role": role, "content": content} for role in roles]
+            try:
+                rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+            except (TemplateError, ValueError, TypeError, KeyError):  # e.g. a template's raise_exception()
+                continue
+            # each content rendered, and as text (not a list's repr)
+            if rendered.count(_PLACEHOLDER) == len(roles) and "'type'" not in rendered:
+                return rendered
+    return None
 
 
 @dataclass
@@ -100,11 +236,60 @@ def _assign_images(image_counts: list[int], sizes: list[int]) -> list[list[int]]
     return assignment
 
 
+def _text_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, L) positions transformers reads packed sequences from: 2D position ids, or the first row of Qwen2-VL's
+    (4, B, L) form (text positions before the three M-RoPE rows). Its plain (3, B, L) M-RoPE positions have none."""
+    if position_ids is None or position_ids.dim() == 2:
+        return position_ids
+    return position_ids[0] if position_ids.shape[0] == 4 else None
+
+
+def _sequence_starts(text_positions: torch.Tensor) -> torch.Tensor:
+    """(B, L) True where a sequence starts: the first token, and where the position is not the previous one + 1, as
+    transformers' `find_packed_sequence_indices` decides."""
+    starts = torch.ones_like(text_positions, dtype=torch.bool)
+    starts[:, 1:] = text_positions[:, 1:] != text_positions[:, :-1] + 1
+    return starts
+
+
+def _dropped_before(dropped: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+    """(B, L): how many tokens of its own sequence before each kept token are dropped (the whole row when `starts`,
+    the (B, L) sequence starts of a packed batch, is None)."""
+    count = torch.cumsum(dropped, dim=1)  # dropped up to each token, in the row
+    if starts is None:
+        return count
+    at_start = torch.where(starts, count - dropped.long(), 0)  # dropped before each sequence's first token
+    return count - at_start.cummax(dim=1).values
+
+
+def _instruction_queries(
+    input_ids: torch.Tensor, text: torch.Tensor, sequence: torch.Tensor, embed_tokens
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean embedding of the `text` (B, L) tokens of each sequence ((B, L) index in its row): (B, S, D), and the
+    number of tokens behind each (B, S).
+
+    One call of `embed_tokens` for the whole micro-batch, even with no text at all: under ZeRO-3 each call gathers
+    the embedding weights, and every rank must gather the same number of times. No gradient: the query only ranks
+    tokens, and it must add nothing to the embedding's gradient (nor keep activations for backward).
+    """
+    with torch.no_grad():
+        embedded = embed_tokens(input_ids[text]).float()  # (T, D)
+    num_sequences = int(sequence.max()) + 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]  # (B, 1)
+    group = (rows * num_sequences + sequence)[text]  # (T,) the sequence of each text token, numbered over the batch
+    sums = embedded.new_zeros(input_ids.shape[0] * num_sequences, embedded.shape[-1])
+    sums.index_add_(0, group.to(embedded.device), embedded)
+    counts = torch.bincount(group, minlength=sums.shape[0]).to(embedded.device)
+    means = sums / counts.clamp(min=1)[:, None]
+    return means.view(input_ids.shape[0], num_sequences, -1), counts.view(input_ids.shape[0], num_sequences)
+
+
 def _gather_rows(values: torch.Tensor, order: torch.Tensor, filler_mask: torch.Tensor, filler) -> torch.Tensor:
-    """values (..., B, L) gathered along the last dim by order (B, L'); filler where filler_mask (B, L') is True."""
+    """values (..., B, L) gathered along the last dim by order (B, L'); filler (a number or a (B, L') tensor) where
+    filler_mask (B, L') is True."""
     index = order.expand(*values.shape[:-2], *order.shape)
     out = values.gather(-1, index)
-    return out.masked_fill(filler_mask.expand_as(out), filler)
+    return torch.where(filler_mask.expand_as(out), torch.as_tensor(filler, dtype=out.dtype, device=out.device), out)
 
 
 def compress_batch(
@@ -119,6 +304,8 @@ def compress_batch(
     pad_token_id: int = 0,
     keep_always: list[torch.Tensor] | None = None,
     first_position: int = 0,
+    grids: list[tuple[int, int] | None] | None = None,
+    query_ignore_ids: Collection[int] = (),
 ) -> tuple[dict, CompressionStats]:
     """Drop visual tokens from a batch; return the new model inputs and what was kept.
 
@@ -128,8 +315,19 @@ def compress_batch(
     The result replaces those keys, and `mm_encoder_outputs` carries the kept features.
     `keep_always` marks, per image, tokens kept whatever the strategy (bool (n_i,); LLaVA-NeXT's newline tokens):
     the strategy picks k = max(1, round(keep_ratio * m)) of the m other tokens, in their own order.
+    `grids` gives, per image, the (rows, cols) grid of those m tokens in raster order, or None where they form no
+    known grid (see `image_grids`, `uniform_indices`); without it every image is spaced in raster order.
+    `instruction` ranks an image's tokens against the mean embedding of its sequence's instruction: the tokens that
+    are not image placeholders, padding, labelled (the answer), `pad_token_id` or in `query_ignore_ids` (chat
+    template and special tokens, see `template_token_ids`), embedded by `embed_tokens` once for the whole batch.
     `first_position` is the position of a sequence's first token, for 'original' positions built here.
     Right or left padding is kept as it was; rows that end up shorter than the longest are padded on the same side.
+
+    A packed batch (no attention mask, position ids restarting inside a row) stays packed: 'compact' positions are
+    renumbered within each sequence, shorter rows are padded at the end with a sequence of its own (positions from 0,
+    labels -100), and no attention mask is made. Its 2D 'original' positions would leave gaps that transformers reads
+    as sequence boundaries, so that is refused; in Qwen2-VL's packed (4, B, L) form the text row (the one transformers
+    reads the sequences from) is renumbered and the M-RoPE rows keep their positions.
     """
     input_ids = inputs["input_ids"]  # (B, L)
     attention_mask = inputs.get("attention_mask")  # (B, L) or None
@@ -141,6 +339,33 @@ def compress_batch(
     is_image = input_ids == image_token_id  # (B, L)
     sizes = [f.shape[0] for f in image_features]
     assignment = _assign_images(is_image.sum(1).tolist(), sizes)
+    grids = [None] * len(sizes) if grids is None else grids
+
+    # Packed rows: transformers detects them only without an attention mask, from the text positions.
+    text_positions = _text_positions(position_ids)
+    starts = None
+    if attention_mask is None and text_positions is not None:
+        starts = _sequence_starts(text_positions)  # (B, L)
+        if not starts[:, 1:].any():
+            starts = None  # one sequence per row
+    if starts is not None and position_mode == "original" and position_ids.dim() == 2:
+        raise ValueError(
+            "VTC with vtc_position_ids='original' cannot compress a packed batch (position_ids restarting inside a "
+            "row, no attention_mask): transformers finds the packed sequences where consecutive position ids differ "
+            "by other than 1, so the gaps left by the dropped visual tokens would split each sequence. Use "
+            "vtc_position_ids='compact' for packed batches, or pad them and pass an attention_mask. (M-RoPE models "
+            "such as Qwen2-VL always keep the original positions: give their packed positions in transformers' "
+            "(4, B, L) form, the text positions first.)"
+        )
+    sequence = starts.cumsum(1) - 1 if starts is not None else torch.zeros_like(input_ids)  # (B, L) index in its row
+
+    if strategy == "instruction":
+        text = ~is_image & ~torch.isin(input_ids, torch.tensor([pad_token_id, *query_ignore_ids], device=device))
+        if attention_mask is not None:
+            text &= attention_mask.bool()
+        if labels is not None:
+            text &= labels == IGNORE_INDEX  # the instruction, not the answer
+        queries, query_tokens = _instruction_queries(input_ids, text, sequence, embed_tokens)  # (B, S, D), (B, S)
 
     keep = torch.ones_like(input_ids, dtype=torch.bool)  # (B, L)
     kept_features = []
@@ -148,15 +373,6 @@ def compress_batch(
         if not images:
             continue
         positions = is_image[sample].nonzero().squeeze(1)  # (sum n_i,)
-        query = None
-        if strategy == "instruction":
-            text = ~is_image[sample]
-            if attention_mask is not None:
-                text &= attention_mask[sample].bool()
-            if labels is not None:
-                text &= labels[sample] == IGNORE_INDEX  # the instruction, not the answer
-            if text.any():
-                query = embed_tokens(input_ids[sample][text]).mean(0)  # (D,)
         offset = 0
         for image in images:
             features = image_features[image]  # (n, D)
@@ -166,11 +382,13 @@ def compress_batch(
             m = selectable.numel()
             k = num_kept(m, keep_ratio) if m else 0
             if strategy == "uniform":
-                chosen = uniform_indices(m, k)
+                chosen = uniform_indices(m, k, grids[image])
             elif strategy == "random":
                 chosen = random_indices(m, k, generator)
             else:
-                chosen = instruction_indices(features[selectable.to(features.device)], query, k)
+                own = int(sequence[sample, positions[offset]])  # the packed sequence the image is in
+                query = queries[sample, own] if query_tokens[sample, own] else None
+                chosen = instruction_indices(features[selectable.to(features.device)], query, k, grids[image])
             dropped = ~fixed  # (n,)
             dropped[selectable[chosen]] = False
             kept = (~dropped).nonzero().squeeze(1)  # (k + n_fixed,) ascending
@@ -203,7 +421,9 @@ def compress_batch(
     out["input_ids"] = _gather_rows(input_ids, order, filler, pad_token_id)
     if attention_mask is not None:
         out["attention_mask"] = _gather_rows(attention_mask, order, filler, 0)
-    elif filler.any():
+    elif starts is None and (filler.any() or (position_mode == "original" and (~keep).any())):
+        # Rows of unequal length need a mask; and without one, transformers would read the gaps that dropped tokens
+        # leave in 'original' positions as boundaries of packed sequences.
         out["attention_mask"] = (~filler).long()
     if labels is not None:
         out["labels"] = _gather_rows(labels, order, filler, IGNORE_INDEX)
@@ -213,10 +433,15 @@ def compress_batch(
     if position_mode == "original" or position_ids is not None:
         if position_ids is None:
             position_ids = torch.arange(first_position, first_position + length, device=device).expand(batch, length)
+        # each kept token moves back by the number of tokens dropped before it in its sequence
+        dropped_before = _dropped_before(~keep, starts)  # (B, L)
         if position_mode == "compact":
-            # each kept token moves back by the number of tokens dropped before it in its row
-            position_ids = position_ids - torch.cumsum(~keep, dim=1)
-        out["position_ids"] = _gather_rows(position_ids, order, filler, 0)
+            position_ids = position_ids - dropped_before
+        elif position_ids.dim() == 3 and position_ids.shape[0] == 4:  # Qwen2-VL's text row: always contiguous
+            position_ids = torch.cat([(position_ids[0] - dropped_before)[None], position_ids[1:]])
+        # a packed batch's padding is a sequence of its own (positions 0, 1, ...), the others' padding sits at 0
+        padding_positions = (columns - kept_per_row[:, None]).clamp(min=0) if starts is not None else 0
+        out["position_ids"] = _gather_rows(position_ids, order, filler, padding_positions)
     for key in ("pixel_values", "image_sizes"):
         out.pop(key, None)
     out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}
@@ -237,7 +462,11 @@ class TokenCompressor:
     It is a forward pre-hook on the transformers model, so it runs inside whatever wraps the model (DDP, DeepSpeed,
     PEFT): the vision tower and projector run every step on every rank, inside the engine's forward. How the model
     takes its images comes from `facts` (an entry of `architectures.ARCHITECTURES`; by default the model's own, or
-    the custom-model contract `CUSTOM_VLM` for a model type not listed there).
+    the custom-model contract `CUSTOM_VLM` for a model type not listed there). Each image's token grid, for
+    `uniform`, comes from the batch's vision inputs and the model's config (`image_grids`).
+    `query_ignore_ids`: token ids the `instruction` strategy leaves out of its query (the chat template's and the
+    tokenizer's special tokens: `template_token_ids(processing_class)`), besides the image token and the config's
+    bos, eos and pad ids, which are always left out.
     """
 
     def __init__(
@@ -248,11 +477,14 @@ class TokenCompressor:
         strategy: str,
         position_mode: str,
         facts: dict | None = None,
+        query_ignore_ids: Collection[int] | None = None,
     ):
         self.model = model
         self.image_token_id = image_token_id
         self.keep_ratio, self.strategy, self.position_mode = keep_ratio, strategy, position_mode
         self.facts = vtc_facts(model) if facts is None else facts
+        self.query_ignore_ids = {image_token_id, *_config_special_ids(getattr(model, "config", None))}
+        self.query_ignore_ids.update(query_ignore_ids or ())
         self.generator: torch.Generator | None = None  # set per micro-batch for the 'random' strategy
         self.active = False
         self.stats: list[CompressionStats] = []
@@ -296,6 +528,9 @@ class TokenCompressor:
             keep_always = [(f.detach() == newline.to(f.dtype)).all(-1) for f in features]  # (n_i,) each
         config = getattr(module, "config", None)
         pad_token_id = (config.get_text_config().pad_token_id if config is not None else None) or 0
+        # the grids of the tokens the strategy chooses among (newlines aside), from the vision inputs popped above
+        selectable = [len(f) for f in features] if keep_always is None else [int((~k).sum()) for k in keep_always]
+        grids = image_grids(config, vision_inputs, selectable)
         kwargs, stats = compress_batch(
             kwargs,
             features,
@@ -308,6 +543,8 @@ class TokenCompressor:
             pad_token_id=pad_token_id,
             keep_always=keep_always,
             first_position=facts["first_position"],
+            grids=grids,
+            query_ignore_ids=self.query_ignore_ids,
         )
         kept = kwargs.pop("mm_encoder_outputs")["image"].pooler_output  # list of (k_i, D)
         if facts["route"] == "inputs_embeds":
@@ -349,3 +586,15 @@ class TokenCompressor:
         inputs = {key: kwargs[key] for key in _ROPE_INPUTS if kwargs.get(key) is not None}
         position_ids, _ = rope_index(kwargs["input_ids"], attention_mask=kwargs.get("attention_mask"), **inputs)
         return position_ids
+
+
+def _config_special_ids(config) -> set[int]:
+    """The bos, eos and pad token ids of a model config's text part (eos may be a list); empty without a config."""
+    if config is None:
+        return set()
+    text = config.get_text_config()
+    ids = set()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(text, name, None)
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids

@@ -20,9 +20,8 @@ from .callbacks import SavingsReportCallback
 from .flops import UncountableModelError, micro_batch_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, decision_generator
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
-from .stage import SparsityPlan, plan_sparsity
-from . import token_compression
-from .token_compression import TokenCompressor
+from .stage import SparsityPlan, asks_for_sparsity, plan_sparsity
+from .token_compression import TokenCompressor, template_token_ids
 
 logger = logging.getLogger("sts_trainer")
 
@@ -50,12 +49,18 @@ class STSTrainer(Trainer):
             args = STSTrainingArguments(output_dir="tmp_trainer")
         elif not isinstance(args, STSTrainingArguments):
             args = STSTrainingArguments.from_training_arguments(args)
-        # Decided before Trainer builds its Accelerator, which reads the DDP settings once. A model STS cannot
-        # sparsify, or one with nothing to train, is reported when training starts (evaluation alone must work).
-        if model is not None and args.parallel_mode.value == "distributed":
-            with contextlib.suppress(ValueError):
-                if plan_sparsity(model, args).lds:
-                    _allow_skipped_layers_in_ddp(args)
+        # Decided before Trainer builds its Accelerator, which reads the DDP settings once. What the user asked for
+        # explicitly fails here; under 'auto', a model with nothing to train is reported when training starts
+        # (evaluation alone must work).
+        if model is not None:
+            try:
+                plan = plan_sparsity(model, args)
+            except ValueError:
+                if asks_for_sparsity(args):
+                    raise
+                plan = None
+            if plan is not None and plan.lds:
+                _allow_skipped_layers_in_ddp(args)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if self.args.should_log and not logger.handlers:
             logger.addHandler(logging.StreamHandler())
@@ -108,7 +113,7 @@ class STSTrainer(Trainer):
                 args.vtc_strategy,
                 args.vtc_position_ids,
                 facts=plan.parts.facts,
-                **({"query_ignore_ids": token_compression.template_token_ids(self.processing_class)} if args.vtc_strategy == "instruction" else {}),
+                query_ignore_ids=template_token_ids(self.processing_class) if args.vtc_strategy == "instruction" else None,
             )
             self._compressor.install()
         if plan.lds:

@@ -517,17 +517,18 @@ class Received:
         self.handle.remove()
 
 
-def kept_positions(input_ids: torch.Tensor, ratio=KEEP) -> torch.Tensor:
+def kept_positions(input_ids: torch.Tensor, ratio=KEEP, grids=()) -> torch.Tensor:
     """Indices of a (right-padded) row that uniform VTC keeps: every real token but the dropped image placeholders;
     each run of placeholders is one image (images are delimited by START / END)."""
     ids = input_ids[input_ids != PAD]
     keep = torch.ones(len(ids), dtype=torch.bool)
     is_image = (ids == IMAGE).int()
     starts = ((is_image.diff(prepend=torch.tensor([0]))) == 1).nonzero().squeeze(1)
+    grids = iter(grids)
     for start in starts.tolist():
         n = int(is_image[start:].cumprod(0).sum())
         dropped = torch.ones(n, dtype=torch.bool)
-        dropped[uniform_indices(n, num_kept(n, ratio))] = False
+        dropped[uniform_indices(n, num_kept(n, ratio), next(grids, None))] = False
         keep[start : start + n] = ~dropped
     return keep.nonzero().squeeze(1)
 
@@ -548,7 +549,8 @@ def test_mrope_positions_are_the_full_sequences_at_the_kept_tokens(model_type):
     positions = received.kwargs["position_ids"]  # (3, B, L')
     assert positions.shape[:2] == (3, 4) and positions.shape[2] < batch["input_ids"].shape[1]
     for row in range(4):
-        kept = kept_positions(batch["input_ids"][row])
+        grids = [(h // 2, w // 2) for _, h, w in (image.inputs["image_grid_thw"].tolist() for image in samples[row]["images"])]
+        kept = kept_positions(batch["input_ids"][row], grids=grids)
         assert torch.equal(positions[:, row, : len(kept)], full[:, row, kept])
     # text after an image keeps its offset from the full image grid: positions are not renumbered 0..L'-1
     assert int(positions[0, 1].max()) > int(received.kwargs["attention_mask"][1].sum())
@@ -562,7 +564,7 @@ def test_paligemma_original_positions_count_from_one():
     model(**batch)
     received.remove()
     for row in range(4):
-        kept = kept_positions(batch["input_ids"][row])
+        kept = kept_positions(batch["input_ids"][row], grids=[(4, 4)])
         assert received.kwargs["position_ids"][row, : len(kept)].tolist() == (kept + 1).tolist()
 
 
@@ -741,8 +743,10 @@ def test_an_unknown_architecture_gets_an_error_listing_the_supported_ones_and_th
     assert "does not know the architecture None (CustomVLM)" in message
     assert all(name in message for name in ("llava", "qwen2_vl", "idefics3", "gemma3", "llama"))
     assert all(option in message for option in ("sts_decoder_layers", "sts_projector", "sts_image_token_id"))
+    # asked for explicitly, the error comes at construction; under 'auto' the model trains as with Trainer
     with pytest.raises(ValueError, match="Supported model types"):
-        STSTrainer(model=custom_vlm(), args=args_for(out_dir))
+        STSTrainer(model=custom_vlm(), args=args_for(out_dir, sts_stage="alignment"))
+    assert STSTrainer(model=custom_vlm(), args=args_for(out_dir)).args.sts_stage == "auto"
 
 
 def test_the_override_options_are_checked_against_the_model(out_dir):

@@ -2,22 +2,75 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    Mistral3Config,
+    MistralConfig,
+    PixtralVisionConfig,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
 from sts_trainer.token_compression import (
+    TokenCompressor,
     compress_batch,
+    image_grids,
     instruction_indices,
     num_kept,
     random_indices,
+    template_token_ids,
     uniform_indices,
 )
 from sts_trainer.layer_skip import decision_generator
-from sts_trainer.tiny import IMAGE_TOKEN_ID, collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
+from sts_trainer.synthetic import build_tokenizer_and_processor
+from sts_trainer.tiny import (
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    collate,
+    freeze_for_alignment,
+    synthetic_samples,
+    tiny_llava,
+    tiny_llava_config,
+)
 
 from .helpers import ListDataset, train, training_args
 
 TOKENS_PER_IMAGE = 16  # tiny_llava_config(): 32 px images, 8 px patches
+QWEN_START, QWEN_END = 125, 124  # vision start / end tokens of the tiny Qwen2-VL
+
+
+def tiny_qwen2_vl_config() -> Qwen2VLConfig:
+    """Qwen2-VL with 4 px patches merged 2 x 2 (as tests/test_architectures.py builds it)."""
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, pad_token_id=0, max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, video_token_id=126,
+                         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+
+
+class Received:
+    """The model inputs as VTC rewrote them: a pre-hook registered after the compressor's, on the same module."""
+
+    def __init__(self, model, ratio, strategy, position_mode="compact", **compressor_kwargs):
+        self.compressor = TokenCompressor(model, IMAGE_TOKEN_ID, ratio, strategy, position_mode, **compressor_kwargs)
+        self.compressor.install()
+        self.compressor.active = True
+        self.kwargs = None
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        self.kwargs = kwargs
+
+    def remove(self):
+        self.compressor.remove()
+        self.handle.remove()
 
 
 def test_num_kept_rounds_half_up_and_keeps_at_least_one():
@@ -29,14 +82,113 @@ def test_num_kept_rounds_half_up_and_keeps_at_least_one():
 
 def test_uniform_keeps_the_expected_indices():
     # 4 x 4 grid keeping 2 x 2: rows and columns 1 and 3
-    assert uniform_indices(16, 4).tolist() == [5, 7, 13, 15]
-    # 8 of 16 is not a square: every second token in raster order, centred
-    assert uniform_indices(16, 8).tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
-    assert uniform_indices(10, 3).tolist() == [1, 5, 8]
-    assert uniform_indices(16, 16).tolist() == list(range(16))
+    assert uniform_indices(16, 4, grid=(4, 4)).tolist() == [5, 7, 13, 15]
+    # 8 of a 4 x 4 grid: 4 rows of 2 (the strides 1 and 2 are as near as 2 rows of 4 would give; ties go to rows)
+    assert uniform_indices(16, 8, grid=(4, 4)).tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert uniform_indices(16, 16, grid=(4, 4)).tolist() == list(range(16))
     # 24 x 24 (LLaVA-1.5) keeping 12 x 12: a stride-2 lattice
-    kept = uniform_indices(576, 144)
+    kept = uniform_indices(576, 144, grid=(24, 24))
     assert kept.tolist() == [r * 24 + c for r in range(1, 24, 2) for c in range(1, 24, 2)]
+    # no grid: evenly spaced in raster order, centred, whether or not the count is a square
+    assert uniform_indices(10, 3).tolist() == [1, 5, 8]
+    assert uniform_indices(16, 4).tolist() == [2, 6, 10, 14]
+    with pytest.raises(ValueError, match="grid 4 x 5 has 20 tokens, but the image has 16"):
+        uniform_indices(16, 4, grid=(4, 5))
+
+
+def kept_cells(grid, ratio):
+    """(rows, cols) of the tokens uniform VTC keeps of an image with this token grid."""
+    n = grid[0] * grid[1]
+    kept = uniform_indices(n, num_kept(n, ratio), grid)
+    return (kept // grid[1]).tolist(), (kept % grid[1]).tolist()
+
+
+def test_uniform_on_a_qwen2_vl_grid_covers_the_columns_evenly():
+    # image_grid_thw (1, 4, 16) in patches, merged 2 x 2: a 2 x 8 grid of language-model tokens
+    config = tiny_qwen2_vl_config()
+    grids = image_grids(config, {"image_grid_thw": torch.tensor([[1, 4, 16]])}, [16])
+    assert grids == [(2, 8)]
+    rows, cols = kept_cells(grids[0], 0.25)  # 4 tokens: one row, 4 columns spread over the 8
+    assert cols == [1, 3, 5, 7] and rows == [1, 1, 1, 1]
+    rows, cols = kept_cells(grids[0], 0.5)  # 8 tokens: both rows, every second column
+    assert cols == [1, 3, 5, 7] * 2 and rows == [0] * 4 + [1] * 4
+
+
+@pytest.mark.parametrize("grid, kept_grid", [((16, 64), (8, 32)), ((18, 32), (9, 16)), ((24, 24), (12, 12))])
+def test_uniform_on_wide_grids_spreads_over_the_whole_width(grid, kept_grid):
+    rows, cols = kept_cells(grid, 0.25)
+    # a lattice of stride 2 both ways, over all rows and all columns
+    assert sorted(set(rows)) == list(range(1, grid[0], 2)) and sorted(set(cols)) == list(range(1, grid[1], 2))
+    assert len(rows) == kept_grid[0] * kept_grid[1] and len(set(zip(rows, cols))) == len(rows)
+
+
+@pytest.mark.parametrize("grid, k", [((24, 24), 23), ((4, 4), 5), ((2, 8), 9), ((16, 64), 101)])
+def test_uniform_without_an_exact_lattice_still_covers_rows_and_columns(grid, k):
+    n = grid[0] * grid[1]
+    kept = uniform_indices(n, k, grid)
+    rows, cols = kept // grid[1], kept % grid[1]
+    assert len(set(kept.tolist())) == k and kept.tolist() == sorted(kept.tolist())
+    kept_rows = sorted(set(rows.tolist()))
+    per_row = [int((rows == r).sum()) for r in kept_rows]
+    assert max(per_row) - min(per_row) <= 1  # k split over the rows as evenly as can be
+    # the kept rows and each row's columns spread over the whole height and width (no half left out)
+    assert kept_rows[0] < grid[0] / 2 <= kept_rows[-1] or len(kept_rows) == 1
+    for r in kept_rows:
+        row_cols = cols[rows == r]
+        assert row_cols.min() < grid[1] / 2 <= row_cols.max() or len(row_cols) == 1
+
+
+def test_image_grids_per_architecture():
+    qwen = tiny_qwen2_vl_config()
+    thw = torch.tensor([[1, 4, 16], [1, 8, 8], [1, 6, 4]])
+    assert image_grids(qwen, {"image_grid_thw": thw}, [16, 16, 6]) == [(2, 8), (4, 4), (3, 2)]
+    # Mistral3: pixel (h, w) // (patch 8 * merge 2)
+    mistral3 = Mistral3Config(
+        vision_config=PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=16, image_size=64, patch_size=8),
+        text_config=MistralConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128),
+        spatial_merge_size=2,
+    )
+    assert image_grids(mistral3, {"image_sizes": torch.tensor([[32, 64], [64, 48]])}, [8, 12]) == [(2, 4), (4, 3)]
+    # fixed resolution: the config's square; a token count that is not that square has no grid
+    llava = tiny_llava_config()
+    assert image_grids(llava, {}, [16, 17]) == [(4, 4), None]
+    assert image_grids(None, {}, [16]) == [None]  # a custom model
+
+
+def test_compress_batch_uses_each_images_grid():
+    batch, _ = make_batch(images_per_sample=(1, 1))
+    features = fake_features(batch)
+    out, _ = compress_batch(dict(batch), features, IMAGE_TOKEN_ID, 0.25, "uniform", "compact", grids=[(2, 8), (4, 4)])
+    kept = out["mm_encoder_outputs"]["image"].pooler_output
+    assert torch.equal(kept[0], features[0][[9, 11, 13, 15]]) and torch.equal(kept[1], features[1][[5, 7, 13, 15]])
+
+
+def test_vtc_keeps_the_expected_grid_positions_of_a_qwen2_vl_image():
+    """End to end: a 2 x 8 token image (image_grid_thw (1, 4, 16)) through TokenCompressor on a tiny Qwen2-VL."""
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config())
+    ids = torch.tensor([[3, 4, 5, 6, QWEN_START] + [IMAGE_TOKEN_ID] * 16 + [QWEN_END, 10, 11, 12, 13]])
+    batch = {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "labels": torch.cat([torch.full((1, 22), -100), ids[:, 22:]], 1),  # on the answer
+        "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).int(), "pixel_values": torch.randn(64, 3 * 2 * 4 * 4),
+        "image_grid_thw": torch.tensor([[1, 4, 16]]),
+    }
+    with torch.no_grad():
+        full = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output[0]
+    for ratio, expected in [(0.25, [9, 11, 13, 15]), (0.5, [1, 3, 5, 7, 9, 11, 13, 15])]:
+        received = Received(model, ratio, "uniform")
+        with torch.no_grad():
+            model(**batch)
+        received.remove()
+        kept = received.kwargs["mm_encoder_outputs"]["image"].pooler_output[0]
+        torch.testing.assert_close(kept, full[expected])
+        # the model's own M-RoPE positions of the kept tokens: (row, column) on the image grid, offset by the text
+        positions = received.kwargs["position_ids"][:, 0]  # (3, L')
+        is_image = received.kwargs["input_ids"][0] == IMAGE_TOKEN_ID
+        t, h, w = positions[:, is_image]
+        assert ((h - t) * 8 + (w - t)).tolist() == expected
 
 
 def test_random_is_reproducible_from_seed_and_step_and_changes_with_step():
@@ -177,6 +329,178 @@ def test_gradients_reach_the_projector_through_kept_tokens_only():
         dropped = torch.ones(TOKENS_PER_IMAGE, dtype=torch.bool)
         dropped[kept] = False
         assert (norms[dropped] == 0).all()
+
+
+# ---- packed (padding-free) batches ----------------------------------------------------------------------------------
+
+
+def pack(rows_of_samples):
+    """Padding-free rows: each the given samples one after another, positions restarting at 0 per sample, no attention
+    mask; a row shorter than the longest ends with a pad sequence of its own (positions from 0, labels -100)."""
+    length = max(sum(len(s["input_ids"]) for s in samples) for samples in rows_of_samples)
+    rows = {"input_ids": [], "labels": [], "position_ids": []}
+    for samples in rows_of_samples:
+        pad = length - sum(len(s["input_ids"]) for s in samples)
+        rows["input_ids"].append(torch.cat([s["input_ids"] for s in samples] + [torch.full((pad,), PAD_TOKEN_ID)]))
+        rows["labels"].append(torch.cat([s["labels"] for s in samples] + [torch.full((pad,), -100)]))
+        positions = [torch.arange(len(s["input_ids"])) for s in samples] + [torch.arange(pad)]
+        rows["position_ids"].append(torch.cat(positions))
+    batch = {key: torch.stack(value) for key, value in rows.items()}
+    images = [s["pixel_values"] for samples in rows_of_samples for s in samples if "pixel_values" in s]
+    batch["pixel_values"] = torch.cat(images)
+    return batch
+
+
+def sequence_losses(model, batch, strategy):
+    """Per-token losses of each sequence the language model gets under VTC (keep 0.25), row by row; a sequence is
+    where positions count up from 0 (the whole row without position ids). Sequences without labels are left out."""
+    received = Received(model, 0.25, strategy)
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits  # (B, L', V)
+    received.remove()
+    labels, positions = received.kwargs["labels"], received.kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(labels.shape[1]).expand_as(labels)
+    losses = []
+    for row in range(len(labels)):
+        bounds = (positions[row] == 0).nonzero().squeeze(1).tolist() + [labels.shape[1]]
+        for start, end in zip(bounds, bounds[1:]):
+            target = labels[row, start + 1 : end]
+            per_token = F.cross_entropy(logits[row, start : end - 1], target, ignore_index=-100, reduction="none")
+            if (target != -100).any():
+                losses.append(per_token[target != -100])
+    return losses, received.kwargs
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "instruction"])
+def test_each_packed_sequence_gets_the_loss_it_gets_alone(strategy):
+    model = tiny_llava().eval()
+    samples = synthetic_samples(4, tiny_llava_config(), images_per_sample=(1, 2, 1, 1), seed=7)
+    batch = pack([samples[:2], samples[2:]])  # rows of 1 + 2 and 1 + 1 images: unequal lengths after VTC
+    packed, received = sequence_losses(model, batch, strategy)
+    alone = [sequence_losses(model, collate([sample]), strategy)[0][0] for sample in samples]
+    assert len(packed) == len(alone) == 4
+    for a, b in zip(packed, alone):
+        torch.testing.assert_close(a, b)
+    assert "attention_mask" not in received  # transformers keeps telling the packed sequences apart
+
+
+def test_a_packed_batch_stays_packed():
+    samples = synthetic_samples(4, tiny_llava_config(), images_per_sample=(1, 2, 1, 1), seed=7)
+    batch = pack([samples[:2], samples[2:]])
+    out, _ = compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "compact")
+    k = num_kept(TOKENS_PER_IMAGE, 0.25)
+    lengths = [len(s["input_ids"]) - s["pixel_values"].shape[0] * (TOKENS_PER_IMAGE - k) for s in samples]
+    row_pad = batch["input_ids"].shape[1] - len(samples[2]["input_ids"]) - len(samples[3]["input_ids"])
+    width = out["input_ids"].shape[1]
+    assert width == lengths[2] + lengths[3] + row_pad and "attention_mask" not in out
+    # each sequence numbered from 0 on its own, and the shorter row's padding is a sequence of its own, unlabelled
+    filler = width - lengths[0] - lengths[1]
+    expected = [list(range(lengths[0])) + list(range(lengths[1])) + list(range(filler)),
+                list(range(lengths[2])) + list(range(lengths[3])) + list(range(row_pad))]
+    assert out["position_ids"].tolist() == expected
+    assert (out["labels"][0, width - filler :] == -100).all()
+    assert (out["input_ids"][0, width - filler :] == PAD_TOKEN_ID).all()
+
+
+def test_a_packed_batch_with_original_positions_is_refused():
+    samples = synthetic_samples(2, tiny_llava_config(), images_per_sample=(1,), seed=7)
+    batch = pack([samples])
+    with pytest.raises(ValueError, match="'original' cannot compress a packed batch"):
+        compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "original")
+
+
+def test_qwen2_vl_packed_positions_renumber_the_text_row_only():
+    # Qwen2-VL's packed form (4, B, L): text positions, then the three M-RoPE rows (here text + 100, distinct)
+    samples = synthetic_samples(2, tiny_llava_config(), images_per_sample=(1,), seed=7)
+    batch = pack([samples])
+    text = batch["position_ids"]  # (1, L)
+    batch["position_ids"] = torch.stack([text, text + 100, text + 200, text + 300])
+    out, _ = compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "original")
+    kept = (batch["input_ids"][0] != IMAGE_TOKEN_ID).clone()
+    for start in [s for s in range(text.shape[1]) if text[0, s] == 0]:
+        first = start + int((batch["input_ids"][0, start:] == IMAGE_TOKEN_ID).int().argmax())
+        kept[first + uniform_indices(TOKENS_PER_IMAGE, 4)] = True  # no grids given: raster order
+    assert "attention_mask" not in out
+    lengths = [len(s["input_ids"]) - TOKENS_PER_IMAGE + 4 for s in samples]
+    assert out["position_ids"][0, 0].tolist() == list(range(lengths[0])) + list(range(lengths[1]))
+    assert torch.equal(out["position_ids"][1:, 0], batch["position_ids"][1:, 0][:, kept])
+
+
+def test_original_positions_without_an_attention_mask_get_one():
+    # rows of equal length, no mask: the gaps of 'original' positions would otherwise read as packed sequences
+    batch, _ = make_batch(images_per_sample=(1, 1), seed=1)
+    batch["input_ids"], batch["labels"] = batch["input_ids"][:, :26], batch["labels"][:, :26]
+    del batch["attention_mask"]
+    out, _ = compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "original")
+    assert torch.equal(out["attention_mask"], torch.ones_like(out["input_ids"]))
+
+
+# ---- the instruction strategy's query -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("images_per_sample", [(1,), (1, 0, 2), (2, 1, 1)])
+def test_instruction_embeds_once_per_micro_batch_without_gradient(images_per_sample):
+    model = tiny_llava()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    calls = []  # (dims of the ids embedded, grad enabled, output requires grad)
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: calls.append((args[0].dim(), torch.is_grad_enabled(), output.requires_grad))
+    )
+    batch = collate(synthetic_samples(len(images_per_sample), tiny_llava_config(), images_per_sample, seed=2))
+    received = Received(model, 0.25, "instruction")
+    model(**batch, use_cache=False).loss.backward()
+    received.remove()
+    # one call for the queries of the whole micro-batch, outside autograd; then the model's own embedding
+    assert calls == [(1, False, False), (2, True, True)]
+
+
+def test_template_tokens_do_not_change_the_query():
+    # ids 1, 2: the instruction (along e0); 5, 6: chat-template tokens (along e3), 7: image, 3: answer, 0: pad
+    embed = nn.Embedding(8, 4)
+    with torch.no_grad():
+        embed.weight.zero_()
+        embed.weight[1] = torch.tensor([1.0, 0, 0, 0])
+        embed.weight[2] = torch.tensor([1.0, 0.2, 0, 0])
+        embed.weight[5] = embed.weight[6] = torch.tensor([0, 0, 0, 5.0])
+    image = 7
+    input_ids = torch.tensor([[5, 1, 2, image, image, image, image, 6, 3], [1, 2, image, image, image, image, 3, 0, 0]])
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": (torch.arange(9) < torch.tensor([[9], [7]])).long(),
+        "labels": torch.where(input_ids == 3, 3, -100),
+    }
+    features = torch.tensor([[0, 0, 0, 1.0], [1.0, 0.1, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 2.0]])
+
+    def kept(ignore):
+        out, _ = compress_batch(dict(batch), [features, features], image, 0.5, "instruction", "compact",
+                                embed_tokens=embed, query_ignore_ids=ignore)
+        return out["mm_encoder_outputs"]["image"].pooler_output
+
+    with_template, without = kept(ignore={5, 6})
+    assert torch.equal(with_template, features[[1, 2]]) and torch.equal(without, features[[1, 2]])
+    assert torch.equal(kept(ignore=())[0], features[[0, 3]])  # the template tokens would have led the query
+
+
+def test_template_token_ids_are_the_chat_templates_and_the_special_ones():
+    processor = build_tokenizer_and_processor()
+    tokenizer = processor.tokenizer
+    special = set(tokenizer.all_special_ids)
+    # LLaVA-1.5's "USER: ... ASSISTANT: ...</s>" around the messages
+    assert template_token_ids(processor) == special | set(tokenizer.convert_tokens_to_ids(["USER:", "ASSISTANT:"]))
+    assert tokenizer.chat_template is None and template_token_ids(tokenizer) == special  # no template
+    assert template_token_ids(None) == set()
+    # a template that refuses a system turn; the contents' own words are not collected
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "says", ":", "placeholder"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                    unk_token="<unk>")
+    plain.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turn') }}{% endif %}"
+        "{{ m['role'] }} says: {{ m['content'] }}\n{% endfor %}"
+    )
+    assert template_token_ids(plain) == {0, 1, 2, 3, 4, 5, 6, 7}
 
 
 class LengthProbe:

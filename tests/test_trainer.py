@@ -224,9 +224,13 @@ def test_auto_on_a_model_sts_cannot_sparsify_trains_exactly_like_trainer(kind, t
 
 def test_asking_for_sparsity_on_an_unknown_architecture_keeps_the_error(out_dir):
     for options in (dict(sts_stage="instruction"), dict(sts_lds="on"), dict(sts_projector="net")):
-        trainer = STSTrainer(model=_gpt2(), args=training_args(out_dir, **options), train_dataset=ListDataset(_samples("gpt2")))
         with pytest.raises(ValueError, match="does not know the architecture 'gpt2'.*Supported model types: .*llava"):
-            trainer.train()
+            STSTrainer(model=_gpt2(), args=training_args(out_dir, **options))
+    # and at train() when the model comes from model_init
+    trainer = STSTrainer(model_init=_gpt2, args=training_args(out_dir, sts_stage="instruction"),
+                         train_dataset=ListDataset(_samples("gpt2")))
+    with pytest.raises(ValueError, match="does not know the architecture 'gpt2'"):
+        trainer.train()
 
 
 def test_model_init_gets_the_components(out_dir):
