@@ -138,10 +138,9 @@ class STSTrainer(Trainer):
                 isinstance(plan.parts.model, PreTrainedModel) and any(p.kind is p.VAR_KEYWORD for p in forward)
             )
             self._sts_forward_kwargs = {"use_cache": False} if takes else {}
-        if plan.note or plan.not_sparsified:
-            logger.warning(f"STS: {plan.note}" if plan.note else plan.describe(args))
-        else:
-            logger.info(plan.describe(args))
+        if plan.note:
+            logger.warning(f"STS: {plan.note}")
+        (logger.warning if plan.not_sparsified else logger.info)(plan.describe(args))
 
     def _remove_sts(self) -> None:
         for handle in self._sts_hooks:
