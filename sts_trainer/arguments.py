@@ -2,7 +2,7 @@
 
 import copy
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -159,7 +159,8 @@ class STSTrainingArguments(TrainingArguments):
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> "STSTrainingArguments":
-        """A copy of a plain `TrainingArguments` with every STS option at its default.
+        """A copy of `args` (a `TrainingArguments`, or another class `cls` derives from) as a `cls`, with every field
+        `args` lacks (the STS options) at its default.
 
         The copy keeps the already-processed values of `args` (its `__post_init__` is not run a second time, which
         would e.g. re-read a DeepSpeed config).
@@ -168,6 +169,6 @@ class STSTrainingArguments(TrainingArguments):
         upgraded.__class__ = cls
         for f in fields(cls):
             if f.name not in args.__dict__:
-                setattr(upgraded, f.name, f.default)
+                setattr(upgraded, f.name, f.default_factory() if f.default is MISSING else f.default)
         upgraded.validate_sts()
         return upgraded

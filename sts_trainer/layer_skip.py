@@ -8,9 +8,14 @@ skipped; the module tree, the parameters and the `state_dict` keys are those of 
 restores the original classes exactly, and pickling or deep-copying a patched model gives the unpatched one.
 """
 
+import contextlib
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
+
+from .architectures import find_parts
 
 
 def skip_probability(
@@ -96,20 +101,48 @@ def _skippable_class(cls: type) -> type:
     return _SKIPPABLE_CLASSES[cls]
 
 
-class LayerSkipper:
-    """Draws which decoder layers to skip for a micro-batch and makes those layers the identity.
+@dataclass
+class SkipRecord:
+    """What LDS did in one training micro-batch (`LayerSkipper.micro_batch`): per decoder layer, skipped or not, and
+    the probability the decision was drawn with."""
 
-    Use `install()` once, `decide(...)` before each training forward, `clear()` after it, `remove()` at the end.
+    skipped: list[bool]
+    probabilities: list[float]
+
+    @property
+    def executed_layers(self) -> int:
+        return len(self.skipped) - sum(self.skipped)
+
+    @property
+    def skipped_fraction(self) -> float:
+        return sum(self.skipped) / len(self.skipped)
+
+
+class LayerSkipper:
+    """The Layer Dynamic Skipper as a component: `install(model)` once (or `install(layers)` with the decoder-layer
+    list itself), then, for each training forward, `with skipper.micro_batch(step, micro_step, max_steps) as record:`
+    draws which layers to skip and makes them the identity inside the block, filling `record` (a `SkipRecord`);
+    `remove()` at the end restores the original layer classes.
+
+    `layers`: the module path of the decoder-layer list (`sts_decoder_layers`) for a model `find_parts` does not know.
     """
 
-    def __init__(self, layers: nn.ModuleList, alpha: float, epsilon: float, schedule: str, seed: int):
-        self.layers = layers
+    def __init__(
+        self, alpha: float = 0.5, epsilon: float = 0.5, schedule: str = "quadratic", seed: int = 0,
+        layers: str | None = None,
+    ):
         self.alpha, self.epsilon, self.schedule, self.seed = alpha, epsilon, schedule, seed
+        self.layers_path = layers
+        self.layers: nn.ModuleList | None = None
         self._original_classes: list[type] | None = None
 
-    def install(self) -> None:
+    def install(self, model: nn.Module) -> None:
         if self._original_classes is not None:
             return
+        if isinstance(model, nn.ModuleList):
+            self.layers = model
+        else:
+            self.layers = find_parts(model, layers=self.layers_path).layers
         self._original_classes = [type(layer) for layer in self.layers]
         for layer in self.layers:
             layer.__class__ = _skippable_class(type(layer))
@@ -122,6 +155,15 @@ class LayerSkipper:
             layer.__class__ = cls
             layer.__dict__.pop("_sts_skip", None)
         self._original_classes = None
+
+    @contextlib.contextmanager
+    def micro_batch(self, step: int, micro_step: int, max_steps: int):
+        """Skip layers in the training forward (and its backward) run inside; yield the `SkipRecord`."""
+        skipped, probabilities = self.decide(step, max_steps, micro_step)
+        try:
+            yield SkipRecord(skipped, probabilities)
+        finally:
+            self.clear()
 
     def probabilities(self, step: int, total_steps: int) -> list[float]:
         num_layers = len(self.layers)

@@ -15,9 +15,10 @@ data in `architectures.ARCHITECTURES`; `TokenCompressor` reads it. Where each im
 `image_grids` here.
 """
 
+import contextlib
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
@@ -27,6 +28,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .architectures import get_path, vtc_facts
+from .layer_skip import decision_generator
+
+VTC_STREAM = 1  # the random strategy's stream of `decision_generator` (LDS's decisions use stream 0)
 
 IGNORE_INDEX = -100
 # Per-token inputs besides ids, mask, labels and positions, shortened with the sequence (0 = text, also for padding):
@@ -206,10 +210,30 @@ def _render_placeholder_chat(tokenizer, template: str) -> str | None:
 
 @dataclass
 class CompressionStats:
+    """What `compress_batch` did to one batch."""
+
     kept_tokens: int
     visual_tokens: int
     length_before: float  # mean tokens per sample entering the language model without VTC
     length_after: float  # the same with VTC
+    llm_length: int  # the width of the shortened batch (B, L'), padding included: what the language model computes
+
+
+@dataclass
+class CompressionRecord:
+    """What VTC did in one training micro-batch (`TokenCompressor.micro_batch`): one entry per compressed forward,
+    normally one; none when the micro-batch had no images."""
+
+    forwards: list[CompressionStats] = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> float | None:
+        visual = sum(f.visual_tokens for f in self.forwards)
+        return sum(f.kept_tokens for f in self.forwards) / visual if visual else None
+
+    @property
+    def llm_length(self) -> int | None:
+        return self.forwards[-1].llm_length if self.forwards else None
 
 
 def _assign_images(image_counts: list[int], sizes: list[int]) -> list[list[int]]:
@@ -452,18 +476,23 @@ def compress_batch(
         visual_tokens=sum(sizes),
         length_before=float(real_before) / batch,
         length_after=float(real_before - (~keep).sum()) / batch,
+        llm_length=new_length,
     )
     return out, stats
 
 
 class TokenCompressor:
-    """Applies `compress_batch` inside the model's forward while `active` is set (training forwards only).
+    """The Visual Token Compressor as a component: `install(model)` once, then, for each training forward,
+    `with compressor.micro_batch(step, micro_step) as record:` switches it on and fills `record` (a
+    `CompressionRecord`); `remove()` at the end. Outside a `micro_batch` the model is untouched (evaluation and
+    generation see every token).
 
     It is a forward pre-hook on the transformers model, so it runs inside whatever wraps the model (DDP, DeepSpeed,
     PEFT): the vision tower and projector run every step on every rank, inside the engine's forward. How the model
     takes its images comes from `facts` (an entry of `architectures.ARCHITECTURES`; by default the model's own, or
     the custom-model contract `CUSTOM_VLM` for a model type not listed there). Each image's token grid, for
-    `uniform`, comes from the batch's vision inputs and the model's config (`image_grids`).
+    `uniform`, comes from the batch's vision inputs and the model's config (`image_grids`). The `random` strategy
+    draws from `decision_generator(seed, step, micro_step, VTC_STREAM)`: the same on every rank and after resuming.
     `query_ignore_ids`: token ids the `instruction` strategy leaves out of its query (the chat template's and the
     tokenizer's special tokens: `template_token_ids(processing_class)`), besides the image token and the config's
     bos, eos and pad ids, which are always left out.
@@ -471,37 +500,52 @@ class TokenCompressor:
 
     def __init__(
         self,
-        model,
         image_token_id: int,
-        keep_ratio: float,
-        strategy: str,
-        position_mode: str,
+        keep_ratio: float = 0.5,
+        strategy: str = "uniform",
+        position_mode: str = "compact",
+        seed: int = 0,
         facts: dict | None = None,
         query_ignore_ids: Collection[int] | None = None,
     ):
-        self.model = model
         self.image_token_id = image_token_id
-        self.keep_ratio, self.strategy, self.position_mode = keep_ratio, strategy, position_mode
-        self.facts = vtc_facts(model) if facts is None else facts
-        self.query_ignore_ids = {image_token_id, *_config_special_ids(getattr(model, "config", None))}
-        self.query_ignore_ids.update(query_ignore_ids or ())
-        self.generator: torch.Generator | None = None  # set per micro-batch for the 'random' strategy
-        self.active = False
-        self.stats: list[CompressionStats] = []
+        self.keep_ratio, self.strategy, self.position_mode, self.seed = keep_ratio, strategy, position_mode, seed
+        self.facts = facts
+        self.query_ignore_ids = {image_token_id, *(query_ignore_ids or ())}
+        self.model = None
+        self.generator: torch.Generator | None = None  # the current micro-batch's, for the 'random' strategy
+        self._record: CompressionRecord | None = None  # set while a micro-batch is open: the compressor is on
         self._handle = None
 
-    def install(self) -> None:
-        if self._handle is None:
-            self._handle = self.model.register_forward_pre_hook(self._compress, with_kwargs=True)
+    def install(self, model) -> None:
+        """Hook into `model` (the transformers model itself, not a PEFT or engine wrapper)."""
+        if self._handle is not None:
+            return
+        self.model = model
+        if self.facts is None:
+            self.facts = vtc_facts(model)
+        self.query_ignore_ids |= _config_special_ids(getattr(model, "config", None))
+        self._handle = model.register_forward_pre_hook(self._compress, with_kwargs=True)
 
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self.active = False
+        self._record = None
+
+    @contextlib.contextmanager
+    def micro_batch(self, step: int, micro_step: int = 0, max_steps: int | None = None):
+        """Compress the training forwards run inside; yield the `CompressionRecord` they fill. `max_steps` is unused
+        (the keep ratio is constant): it is part of the component interface, which LDS's schedule needs."""
+        self.generator = decision_generator(self.seed, step, micro_step, VTC_STREAM)
+        self._record = record = CompressionRecord()
+        try:
+            yield record
+        finally:
+            self._record = None
 
     def _compress(self, module, args, kwargs):
-        if not self.active or kwargs.get("pixel_values") is None:
+        if self._record is None or kwargs.get("pixel_values") is None:
             return None
         if args or kwargs.get("input_ids") is None:
             raise ValueError("VTC needs the batch passed to the model as keyword arguments, with input_ids.")
@@ -558,7 +602,7 @@ class TokenCompressor:
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(kept)[None])}
         else:
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept)}
-        self.stats.append(stats)
+        self._record.forwards.append(stats)
         return args, kwargs
 
     def _image_features(self, module, vision_inputs: dict) -> list[torch.Tensor]:

@@ -503,9 +503,10 @@ class Received:
 
     def __init__(self, model, ratio=KEEP, position_mode="compact"):
         parts = find_parts(model)
-        self.compressor = TokenCompressor(model, parts.image_token_id, ratio, "uniform", position_mode)
-        self.compressor.install()
-        self.compressor.active = True
+        self.compressor = TokenCompressor(parts.image_token_id, ratio, "uniform", position_mode)
+        self.compressor.install(model)
+        self.batch = self.compressor.micro_batch(step=0)
+        self.record = self.batch.__enter__()  # on until remove()
         self.kwargs = None
         self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
@@ -513,6 +514,7 @@ class Received:
         self.kwargs = kwargs
 
     def remove(self):
+        self.batch.__exit__(None, None, None)
         self.compressor.remove()
         self.handle.remove()
 
@@ -642,8 +644,8 @@ def test_skipping_keeps_each_gemma3_layer_on_its_own_attention_type():
     model(**batch)
     dense = dict(masks)
     assert not torch.equal(dense[2], dense[3])  # sliding window vs full attention over sequences longer than 8
-    skipper = LayerSkipper(layers, 0.0, 0.0, "constant", seed=0)
-    skipper.install()
+    skipper = LayerSkipper(0.0, 0.0, "constant", seed=0)
+    skipper.install(layers)
     layers[1]._sts_skip = True
     masks.clear()
     model(**batch)
@@ -662,8 +664,8 @@ def test_a_layer_returning_a_tuple_is_refused_with_a_clear_error():
             return (self.linear(hidden_states),)
 
     layers = nn.ModuleList([TupleLayer(), TupleLayer()])
-    skipper = LayerSkipper(layers, 0.0, 0.0, "constant", seed=0)
-    skipper.install()
+    skipper = LayerSkipper(0.0, 0.0, "constant", seed=0)
+    skipper.install(layers)
     with pytest.raises(TypeError, match="LDS cannot skip TupleLayer: it returns a tuple"):
         layers[0](torch.randn(1, 2, 4))
     skipper.remove()

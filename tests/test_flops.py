@@ -10,7 +10,7 @@ from sts_trainer.flops import TrainingStep, expected_executed_fraction, step_flo
 from sts_trainer.layer_skip import LayerSkipper
 from sts_trainer.tiny import IMAGE_TOKEN_ID, collate, synthetic_samples, tiny_llava, tiny_llava_config
 from sts_trainer.token_compression import TokenCompressor, num_kept
-from sts_trainer.trainer import _trainable_parts
+from sts_trainer.mixin import _trainable_parts
 
 
 def hand_config() -> LlavaConfig:
@@ -170,11 +170,12 @@ def test_matches_pytorch_flop_counter_with_vtc():
     batch = collate(synthetic_samples(4, config))
     batch_size, length = batch["input_ids"].shape
     model = _train_only(tiny_llava(), vision=False, projector=True, llm=False)
-    compressor = TokenCompressor(model, IMAGE_TOKEN_ID, keep_ratio=0.5, strategy="uniform", position_mode="compact")
-    compressor.install()
-    compressor.active = True
-    measured = _measure(model, batch)
+    compressor = TokenCompressor(IMAGE_TOKEN_ID, keep_ratio=0.5, strategy="uniform", position_mode="compact")
+    compressor.install(model)
+    with compressor.micro_batch(step=0) as record:
+        measured = _measure(model, batch)
     compressor.remove()
+    assert record.kept_fraction == 0.5 and record.llm_length == length - 8
     step = TrainingStep(batch_size, length - 16, 1, 16, train_projector=True)
     predicted = step_flops(config, step, kept_visual_tokens_per_image=num_kept(16, 0.5))
     assert predicted["total"] == pytest.approx(measured, rel=0.01)
@@ -186,8 +187,8 @@ def test_matches_pytorch_flop_counter_with_lds():
     batch = collate(synthetic_samples(4, config))
     batch_size, length = batch["input_ids"].shape
     model = _train_only(tiny_llava(), vision=False, projector=True, llm=True)
-    skipper = LayerSkipper(model.model.language_model.layers, alpha=0.5, epsilon=0.5, schedule="quadratic", seed=0)
-    skipper.install()
+    skipper = LayerSkipper(alpha=0.5, epsilon=0.5, schedule="quadratic", seed=0)
+    skipper.install(model)
     for layer in (1, 3):
         model.model.language_model.layers[layer]._sts_skip = True
     measured = _measure(model, batch)

@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
 
 from sts_trainer import STSTrainer, skip_probability
 from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer, decision_generator
-from sts_trainer.tiny import tiny_llava
+from sts_trainer.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
 
 from .helpers import plain_training_args, train, training_args
 
@@ -62,8 +62,8 @@ def test_schedule_depth_factor_and_layer_mean():
 
 
 def test_decisions_are_seeded_per_step_and_leave_the_global_rng_alone():
-    skipper = LayerSkipper(layers_of(tiny_llava()), alpha=0.5, epsilon=0.5, schedule="constant", seed=7)
-    skipper.install()
+    skipper = LayerSkipper(alpha=0.5, epsilon=0.5, schedule="constant", seed=7)
+    skipper.install(tiny_llava())
     state = torch.random.get_rng_state()
     a, probs = skipper.decide(3, 10, 0)
     assert torch.equal(state, torch.random.get_rng_state())
@@ -84,8 +84,8 @@ def test_patching_is_reversible_and_keeps_state_dict_keys_and_eval_logits():
     reference = tiny_llava()
     reference.load_state_dict(model.state_dict())
     classes = [type(layer) for layer in layers_of(model)]
-    skipper = LayerSkipper(layers_of(model), 1.0, 0.0, "constant", seed=0)
-    skipper.install()
+    skipper = LayerSkipper(1.0, 0.0, "constant", seed=0)
+    skipper.install(model)
     assert list(model.state_dict()) == list(reference.state_dict())
     skipper.decide(0, 10, 0)  # every layer marked skipped
     ids = torch.randint(1, 100, (2, 12))
@@ -101,8 +101,8 @@ def test_patching_is_reversible_and_keeps_state_dict_keys_and_eval_logits():
 
 
 def installed_with_every_layer_skipped(model):
-    skipper = LayerSkipper(layers_of(model), 1.0, 0.0, "constant", seed=0)
-    skipper.install()
+    skipper = LayerSkipper(1.0, 0.0, "constant", seed=0)
+    skipper.install(model)
     skipper.decide(0, 10, 0)  # p = 1 everywhere: every layer marked skipped
     return skipper
 
@@ -158,8 +158,8 @@ def test_a_model_pickled_while_installed_loads_without_sts_trainer(tmp_path):
 def test_output_hidden_states_has_one_entry_per_layer_and_a_skipped_layer_runs_no_other_hook():
     model, reference = tiny_llava(), tiny_llava()
     layers = layers_of(model)
-    skipper = LayerSkipper(layers, 1.0, 0.0, "constant", seed=0)
-    skipper.install()
+    skipper = LayerSkipper(1.0, 0.0, "constant", seed=0)
+    skipper.install(layers)
     for i, layer in enumerate(layers):
         layer._sts_skip = i in (1, 2)
     # stand-ins for ZeRO-3's parameter gather/release hooks, registered on every layer
@@ -386,3 +386,24 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(out_dir):
     assert best is not None and not best.endswith("checkpoint-4")  # training diverges: an earlier one is best
     saved = LlavaForConditionalGeneration.from_pretrained(best).state_dict()
     assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_the_component_on_a_bare_model_without_a_trainer():
+    """install / micro_batch / remove: inside the block the drawn layers never run (forward or backward)."""
+    model = tiny_llava()
+    calls = [0] * 4
+    for i, layer in enumerate(layers_of(model)):
+        layer.register_forward_pre_hook(lambda module, args, _i=i: calls.__setitem__(_i, calls[_i] + 1))
+    skipper = LayerSkipper(alpha=1.0, epsilon=1.0, schedule="constant", seed=0)  # p = 0, 2/3, 1, 1
+    skipper.install(model)
+    batch = collate(synthetic_samples(2, tiny_llava_config()))
+    with skipper.micro_batch(step=0, micro_step=0, max_steps=10) as record:
+        model(**batch).loss.backward()
+    assert record.probabilities[0] == 0.0 and record.skipped[2:] == [True, True]
+    assert calls == [0 if skipped else 1 for skipped in record.skipped]
+    assert record.executed_layers == calls.count(1) and record.skipped_fraction == calls.count(0) / 4
+    assert all(p.grad is None for i in (2, 3) for p in layers_of(model)[i].parameters())
+    model(**batch)  # outside the block: every layer runs
+    assert calls == [1 + (not skipped) for skipped in record.skipped]
+    skipper.remove()
+    assert not any(isinstance(layer, _SkippableLayer) for layer in layers_of(model))

@@ -59,9 +59,10 @@ class Received:
     """The model inputs as VTC rewrote them: a pre-hook registered after the compressor's, on the same module."""
 
     def __init__(self, model, ratio, strategy, position_mode="compact", **compressor_kwargs):
-        self.compressor = TokenCompressor(model, IMAGE_TOKEN_ID, ratio, strategy, position_mode, **compressor_kwargs)
-        self.compressor.install()
-        self.compressor.active = True
+        self.compressor = TokenCompressor(IMAGE_TOKEN_ID, ratio, strategy, position_mode, **compressor_kwargs)
+        self.compressor.install(model)
+        self.batch = self.compressor.micro_batch(step=0)
+        self.record = self.batch.__enter__()  # on until remove()
         self.kwargs = None
         self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
@@ -69,6 +70,7 @@ class Received:
         self.kwargs = kwargs
 
     def remove(self):
+        self.batch.__exit__(None, None, None)
         self.compressor.remove()
         self.handle.remove()
 
@@ -623,3 +625,25 @@ def test_vtc_with_gradient_checkpointing_and_a_peft_model(out_dir):
     assert sorted(sum((r["row_lengths"] for r in probe.records), [])) == sorted(expected_row_lengths(samples, 0.5))
     changed = [n for n, p in model.named_parameters() if n in projector_before and not torch.equal(p, projector_before[n])]
     assert changed  # gradients reached the projector's adapters through the kept tokens
+
+
+def test_the_component_on_a_bare_model_without_a_trainer():
+    """install / micro_batch / remove: only forwards inside the block are compressed, and the record says how."""
+    config = tiny_llava_config()
+    samples = synthetic_samples(4, config, (1, 2), seed=3)
+    batch = collate(samples)
+    model = freeze_for_alignment(tiny_llava())
+    widths = []
+    model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    compressor = TokenCompressor(IMAGE_TOKEN_ID, keep_ratio=0.25)
+    compressor.install(model)
+    model(**batch)  # not in a block: dense
+    with compressor.micro_batch(step=0) as record:
+        model(**batch).loss.backward()
+    model(**batch)
+    compressor.remove()
+    full, short = batch["input_ids"].shape[1], max(expected_row_lengths(samples, 0.25))
+    assert widths == [full, short, full]
+    assert len(record.forwards) == 1 and record.llm_length == short and record.kept_fraction == 0.25
+    assert record.forwards[0].visual_tokens == sum(TOKENS_PER_IMAGE * (1 + i % 2) for i in range(4))
+    assert len(model._forward_pre_hooks) == 0

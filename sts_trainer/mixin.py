@@ -1,0 +1,404 @@
+"""`STSMixin`: the Sparse Training Scheme over any `transformers.Trainer` subclass.
+
+    class STSTrainer(STSMixin, Trainer): ...              # sts_trainer.trainer
+    class STSSFTTrainer(STSMixin, trl.SFTTrainer): ...    # sts_trainer.sft, for TRL users
+    class MyTrainer(STSMixin, LLaVATrainer): ...          # a user's own Trainer subclass
+
+The mixin goes first, so its methods wrap the trainer's. When training starts it resolves the stage
+(`stage.plan_sparsity`) and installs the components for it; each training forward opens their `micro_batch`
+contexts, and what they record is summed into the savings ledger (`savings.SavingsLedger`) and merged into the logs.
+Evaluation, prediction and generation never open a context: they see the dense model.
+"""
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, apply_renamings
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+from .arguments import STSTrainingArguments
+from .callbacks import SavingsReportCallback
+from .flops import UncountableModelError, micro_batch_flops, visual_tokens_per_image
+from .layer_skip import LayerSkipper, SkipRecord
+from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
+from .stage import SparsityPlan, asks_for_sparsity, plan_sparsity
+from .token_compression import IGNORE_INDEX, CompressionRecord, TokenCompressor, template_token_ids
+
+logger = logging.getLogger("sts_trainer")
+
+# Model outputs that `prediction_step` leaves out unless the caller names its own `ignore_keys`: the cache, and each
+# modality encoder's output (transformers 5.24 VLMs return `image_outputs`, whose `hidden_states` hold None for the
+# vision layers not selected; the evaluation loop cannot pad None, and these are not predictions).
+DEFAULT_IGNORE_KEYS = ("cache", "past_key_values", "image_outputs", "video_outputs", "audio_outputs")
+
+
+class STSMixin:
+    """All of STS, for a class that also derives from `transformers.Trainer` (placed after this mixin).
+
+    `sts_args_class` is the arguments class the trainer expects: `STSTrainingArguments`, or one built on it and the
+    trainer's own (`sts_trainer.sft.STSSFTConfig` for TRL's `SFTConfig`). Arguments of a class it derives from are
+    upgraded to it with every STS option at its default; others are refused with the class to write.
+    """
+
+    sts_args_class: type = STSTrainingArguments
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *trainer_args, **trainer_kwargs):
+        args = self._sts_arguments(args)
+        # Decided before Trainer builds its Accelerator, which reads the DDP settings once. What the user asked for
+        # explicitly fails here; under 'auto', a model with nothing to train is reported when training starts
+        # (evaluation alone must work).
+        if model is not None and not isinstance(model, str):
+            try:
+                plan = plan_sparsity(model, args)
+            except ValueError:
+                if asks_for_sparsity(args):
+                    raise
+                plan = None
+            if plan is not None and plan.lds:
+                _allow_skipped_layers_in_ddp(args)
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.args.should_log and not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+            logger.setLevel(logging.INFO)
+        self.sts_plan: SparsityPlan | None = None
+        self.sts_ledger: SavingsLedger | None = None
+        self._components: dict[str, TokenCompressor | LayerSkipper] = {}
+        self._sts_step, self._sts_micro_step = -1, 0
+        self._sts_metrics: dict[str, list[float]] = defaultdict(list)
+        self._sts_report: SavingsReportCallback | None = None
+        self._sts_forward_kwargs: dict = {}
+        self._sts_last: tuple[tuple, float | None] | None = None  # the last micro-batch's shape and actual FLOPs
+
+    def _sts_arguments(self, args):
+        cls = self.sts_args_class
+        if args is None:
+            return cls(output_dir="tmp_trainer")
+        if isinstance(args, cls):
+            return args
+        if type(args) in cls.__mro__:
+            return cls.from_training_arguments(args)
+        raise TypeError(
+            f"{type(self).__name__} takes {cls.__name__} (or a class it derives from); got {type(args).__name__}. "
+            f"Define `@dataclass class MyArguments(STSTrainingArguments, {type(args).__name__})` and set "
+            f"`sts_args_class = MyArguments` on the trainer."
+        )
+
+    # ---- installing the components for the run ---------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # resolved as Trainer does, so the STS state is read from the same folder
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    def _inner_training_loop(self, *args, resume_from_checkpoint: str | None = None, **kwargs):
+        # Installed here, not in train(): Trainer.train replaces the model first when it has a model_init.
+        self._install_sts(resume_from_checkpoint)
+        try:
+            return super()._inner_training_loop(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self._remove_sts()
+
+    def _install_sts(self, resume_from_checkpoint: str | None) -> None:
+        plan = plan_sparsity(self.model, self.args)
+        args = self.args
+        if plan.lds and args.parallel_mode.value == "distributed" and not args.ddp_find_unused_parameters:
+            raise ValueError(
+                "LDS is on but this trainer was created when the stage did not call for it, so DDP was set up "
+                "without find_unused_parameters. Pass ddp_find_unused_parameters=True, or set sts_stage explicitly."
+            )
+        if plan.lds and args.torch_compile:
+            raise ValueError(
+                "torch_compile=True cannot be combined with LDS: every new set of skipped layers is a new graph, and "
+                "after torch.compile's recompilation limit the whole model silently falls back to eager. Turn "
+                "torch_compile off for the instruction stage, or turn LDS off with sts_lds='off'."
+            )
+        if plan.vtc:
+            ignore = template_token_ids(self.processing_class) if args.vtc_strategy == "instruction" else None
+            self._components["vtc"] = TokenCompressor(
+                plan.parts.image_token_id, args.vtc_keep_ratio, args.vtc_strategy, args.vtc_position_ids, args.seed,
+                facts=plan.parts.facts, query_ignore_ids=ignore,
+            )
+            self._components["vtc"].install(plan.parts.model)
+        if plan.lds:
+            self._components["lds"] = LayerSkipper(args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
+            self._components["lds"].install(plan.parts.layers)
+        self.sts_plan = plan
+        if plan.vtc or plan.lds or plan.not_sparsified:
+            self.sts_ledger = SavingsLedger(plan.stage, not_sparsified=plan.not_sparsified)
+            if not plan.not_sparsified and not isinstance(getattr(plan.parts.model, "config", None), PretrainedConfig):
+                self.sts_ledger.flops_not_counted = "the model has no transformers config to count FLOPs from"
+            if resume_from_checkpoint is not None and plan.not_sparsified is None:
+                self._resume_ledger(resume_from_checkpoint)
+            self._sts_report = SavingsReportCallback(self.sts_ledger)
+            self.add_callback(self._sts_report)
+        if plan.vtc or plan.lds:
+            self._sts_trains = _trainable_parts(plan.parts)
+            # No KV cache in training forwards (LDS would leave holes in it), where the model takes the argument:
+            # by name, or through the **kwargs a transformers model passes on to its language model.
+            forward = inspect.signature(plan.parts.model.forward).parameters.values()
+            takes = any(p.name == "use_cache" for p in forward) or (
+                isinstance(plan.parts.model, PreTrainedModel) and any(p.kind is p.VAR_KEYWORD for p in forward)
+            )
+            self._sts_forward_kwargs = {"use_cache": False} if takes else {}
+        if plan.note:
+            logger.warning(f"STS: {plan.note}")
+        (logger.warning if plan.not_sparsified else logger.info)(plan.describe(args))
+
+    def _remove_sts(self) -> None:
+        if self._sts_report is not None:
+            self.remove_callback(self._sts_report)
+        for component in self._components.values():
+            component.remove()
+        self._components.clear()
+
+    # ---- training forwards ------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, *args, **kwargs):
+        """Trainer's micro-batches; under VTC, image placeholders carry no loss label (TRL's vision collator labels
+        them), so `num_items_in_batch`, counted here, agrees with what the shortened sequence can be trained on."""
+        batches, num_items = super().get_batch_samples(*args, **kwargs)
+        if "vtc" in self._components and any(self._unlabel_placeholders(batch) for batch in batches):
+            num_items = self._get_num_items_in_batch(batches, self.args.device)
+        return batches, num_items
+
+    def _unlabel_placeholders(self, batch) -> bool:
+        labels, input_ids = batch.get("labels"), batch.get("input_ids")
+        if labels is None or input_ids is None:
+            return False
+        placeholders = (input_ids == self.sts_plan.parts.image_token_id) & (labels != IGNORE_INDEX)
+        if not placeholders.any():
+            return False
+        batch["labels"] = labels.masked_fill(placeholders, IGNORE_INDEX)
+        return True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or not self._components:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        step = self.state.global_step
+        self._sts_micro_step = self._sts_micro_step + 1 if step == self._sts_step else 0  # micro-batch of the step
+        self._sts_step = step
+        with contextlib.ExitStack() as stack:
+            records = {
+                name: stack.enter_context(component.micro_batch(step, self._sts_micro_step, self.state.max_steps))
+                for name, component in self._components.items()
+            }
+            result = super().compute_loss(model, {**inputs, **self._sts_forward_kwargs}, return_outputs, num_items_in_batch)
+        self._account(inputs, step, records.get("vtc"), records.get("lds"))
+        return result
+
+    def _account(self, inputs, step: int, vtc: CompressionRecord | None, lds: SkipRecord | None) -> None:
+        """Add one micro-batch to the ledger and the metrics: what it would have cost densely, and what it cost."""
+        input_ids = inputs.get("input_ids")  # (B, L) before compression
+        if input_ids is None:  # a custom model fed other inputs: its first tensor gives the batch's shape
+            input_ids = next(value for value in inputs.values() if isinstance(value, torch.Tensor))
+        shape = tuple(input_ids.shape[:2])
+        dense = actual = None
+        config = getattr(self.sts_plan.parts.model, "config", None)
+        if self.sts_ledger.flops_not_counted is None:
+            try:
+                dense, actual = self._micro_batch_flops(config, input_ids, vtc, lds)
+            except UncountableModelError as error:
+                self.sts_ledger.flops_not_counted = str(error)
+                logger.warning(f"STS: training FLOPs are not counted, Trainer's estimate is used instead: {error}")
+        kept = vtc.kept_fraction if vtc is not None else None
+        self.sts_ledger.add(
+            MicroBatchRecord(
+                step=step,
+                dense_flops=dense,
+                actual_flops=actual,
+                kept_fraction=kept,
+                skipped_fraction=lds.skipped_fraction if lds is not None else None,
+                skip_probabilities=lds.probabilities if lds is not None else None,
+            )
+        )
+        self._sts_last = (shape, actual)
+        metrics = self._sts_metrics
+        for stats in vtc.forwards if vtc is not None else ():
+            metrics["vtc_kept_fraction"].append(stats.kept_tokens / stats.visual_tokens)
+            metrics["vtc_input_length_before"].append(stats.length_before)
+            metrics["vtc_input_length_after"].append(stats.length_after)
+        if lds is not None:
+            metrics["lds_skipped_fraction"].append(lds.skipped_fraction)
+            metrics["lds_skip_probability"].append(sum(lds.probabilities) / len(lds.probabilities))
+        if actual is not None:
+            metrics["sts_flops_dense"].append(dense)
+            metrics["sts_flops_actual"].append(actual)
+
+    def _micro_batch_flops(self, config: PretrainedConfig, input_ids, vtc, lds) -> tuple[float, float]:
+        """(dense, actual) FLOPs of one micro-batch: the tokens the language model really received, the layers that
+        really ran."""
+        parts = self.sts_plan.parts
+        images = 0
+        if parts.is_multimodal and (visual := int((input_ids == parts.image_token_id).sum())):
+            # images (or tiles) of the config's size; dynamic-resolution models are counted at a reference size
+            images = max(1, round(visual / visual_tokens_per_image(config)))
+        common = dict(config=config, batch_size=input_ids.shape[0], images=images, **self._sts_trains)
+        length = input_ids.shape[1]
+        dense = micro_batch_flops(llm_length=length, **common)
+        llm_length = vtc.llm_length if vtc is not None and vtc.llm_length is not None else length
+        executed = lds.executed_layers if lds is not None else None
+        return dense, micro_batch_flops(llm_length=llm_length, executed_layers=executed, **common)
+
+    def floating_point_ops(self, inputs) -> int:
+        """Actual FLOPs of the micro-batch just trained (kept tokens, executed layers), as the ledger counted them;
+        Trainer sums these into `state.total_flos`. A read, with no side effect: Trainer's own estimate for inputs
+        that are not the last trained micro-batch, and wherever FLOPs are not counted (accounting never stops a run)."""
+        shape = tuple(inputs["input_ids"].shape[:2]) if isinstance(inputs.get("input_ids"), torch.Tensor) else None
+        if self._sts_last is not None and self._sts_last[1] is not None and (shape is None or shape == self._sts_last[0]):
+            return int(self._sts_last[1])
+        return super().floating_point_ops(inputs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry 'loss'; STS metrics are means over the micro-batches since the previous one.
+        if "loss" in logs and self._sts_metrics:
+            metrics = self._sts_metrics
+            flops = {name: sum(metrics.pop(name)) for name in ("sts_flops_dense", "sts_flops_actual") if name in metrics}
+            logs.update({name: sum(values) / len(values) for name, values in metrics.items()})
+            if flops:
+                logs.update(flops)
+                logs["sts_flops_saving"] = 1.0 - flops["sts_flops_actual"] / flops["sts_flops_dense"]
+            metrics.clear()
+        super().log(logs, start_time)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if ignore_keys is None:
+            config = getattr(self.model, "config", None)
+            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", None) or []) + list(DEFAULT_IGNORE_KEYS)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The trainer's checkpoint, plus the savings ledger so far and the STS options (`savings.STATE_FILE`)."""
+        super()._save_checkpoint(model, trial)
+        if self.sts_ledger is None or self.sts_plan.not_sparsified is not None or not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump({"options": self.args.sts_options(), "ledger": self.sts_ledger.to_dict()}, f)
+
+    def _resume_ledger(self, checkpoint: str) -> None:
+        """Continue the ledger of the run being resumed, and warn by name about each STS option that changed."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            logger.warning(f"STS: {checkpoint} has no {STATE_FILE}; the savings report covers the resumed part only.")
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        for name, value in self.args.sts_options().items():
+            if saved["options"].get(name) != value:
+                logger.warning(
+                    f"STS: resuming with {name}={value!r}, but the checkpoint's run had {name}="
+                    f"{saved['options'].get(name)!r}; the savings report mixes both settings."
+                )
+        ledger = SavingsLedger.from_dict(saved["ledger"])
+        self.sts_ledger.records = ledger.records
+        self.sts_ledger.wall_clock_seconds = ledger.wall_clock_seconds
+        self.sts_ledger.flops_not_counted = self.sts_ledger.flops_not_counted or ledger.flops_not_counted
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.model if model is None else model
+        if not self._restore_full_weights(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._restore_full_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _restore_full_weights(self, checkpoint: str, model) -> bool:
+        """Restore a full-model checkpoint strictly, under the model's own key names; False when the checkpoint or
+        the setup is one Trainer's own loading handles (PEFT adapters, DeepSpeed, FSDP).
+
+        `Trainer` loads the saved state dict non-strictly, and transformers saves some models (LLaVA among them) with
+        legacy key names (`language_model.model.layers...`): nothing matches, only a warning is printed, and training
+        silently goes on from the current weights (on resume, and with `load_best_model_at_end`). Here the saved keys
+        are renamed as `from_pretrained` renames them, the tensors are read memory-mapped, and every weight of the
+        model must be restored (weights tied to another are not saved). A checkpoint whose conversion is more than a
+        renaming (fused or split tensors) is loaded through `from_pretrained` instead.
+        """
+        has_full_weights = any(
+            os.path.isfile(os.path.join(checkpoint, name))
+            for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+        )
+        if not isinstance(model, PreTrainedModel) or not has_full_weights or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False
+        logger.info(f"STS: restoring the model weights from {checkpoint}.")
+        state = _renamed_safetensors(checkpoint, model)
+        if state is None:
+            state = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype).state_dict()
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        with torch.no_grad():
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [key for key in missing if key not in tied]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"The checkpoint {checkpoint} does not match the model {type(model).__name__}: missing "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}."
+            )
+        return True
+
+
+def _trainable_parts(parts) -> dict:
+    """What trains, for the FLOPs count: projector, language model (its own weights), adapters in its decoder layers
+    (LoRA: the base weights beside them stay frozen), and anything else (the vision side)."""
+    projector = {id(p) for p in parts.projector.parameters()} if parts.projector is not None else set()
+    language_model = {id(p) for p in parts.language_model_parameters()}
+    trains = {"train_vision": False, "train_projector": False, "train_llm": False}
+    for name, p in parts.model.named_parameters():
+        if p.requires_grad and not _is_adapter(name):
+            key = "train_projector" if id(p) in projector else "train_llm" if id(p) in language_model else "train_vision"
+            trains[key] = True
+    adapters = sum(p.numel() for name, p in parts.layers.named_parameters() if p.requires_grad and _is_adapter(name))
+    trains["llm_adapter_weights_per_layer"] = adapters / len(parts.layers)
+    return trains
+
+
+def _is_adapter(name: str) -> bool:
+    """A PEFT LoRA weight (`...q_proj.lora_A.default.weight`); adapters elsewhere count with the part they sit in."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def _renamed_safetensors(checkpoint: str, model: PreTrainedModel) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's safetensors, memory-mapped, under the model's key names (the renamings `from_pretrained`
+    applies); None when the checkpoint is not safetensors or its conversion is more than renaming keys."""
+    conversions = get_model_conversion_mapping(model)
+    if any(not isinstance(conversion, WeightRenaming) for conversion in conversions):
+        return None
+    index = os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)):
+        files = [SAFE_WEIGHTS_NAME]
+    else:
+        return None
+    state = {}
+    for name in files:
+        with safe_open(os.path.join(checkpoint, name), framework="pt") as f:
+            for key in f.keys():
+                state[apply_renamings(key, conversions)] = f.get_tensor(key)
+    return state
+
+
+def _allow_skipped_layers_in_ddp(args: STSTrainingArguments) -> None:
+    """Skipped layers leave parameters without gradients: DDP must look for them, with non-reentrant checkpointing."""
+    if args.ddp_find_unused_parameters is not True:
+        args.ddp_find_unused_parameters = True
+        logger.info("STS: LDS is on, so ddp_find_unused_parameters=True (skipped layers have no gradient).")
+    ckpt_kwargs = args.activation_checkpointing_kwargs or {}
+    if args.activation_checkpointing and ckpt_kwargs.get("use_reentrant", False):
+        args.activation_checkpointing_kwargs = {**ckpt_kwargs, "use_reentrant": False}
+        logger.info("STS: LDS is on, so activation checkpointing is non-reentrant (needed with skipped layers in DDP).")
