@@ -6,7 +6,7 @@
 set -euo pipefail
 DATA=${DATA:-./playground/data/LLaVA-Pretrain}
 OUT=${OUT:-./checkpoints/llava-v1.5-7b-sts-pretrain}
-deepspeed --num_gpus "${NUM_GPUS:-8}" --module sts_trainer.train \
+deepspeed --num_gpus "${NUM_GPUS:-8}" --module sts_trainer.llava.train \
     --deepspeed configs/zero2.json \
     --language_model lmsys/vicuna-7b-v1.5 \
     --vision_tower openai/clip-vit-large-patch14-336 \

@@ -165,6 +165,11 @@ def _tower(config: PretrainedConfig) -> dict:
     return dict(facts, hidden=hidden, heads=heads, mlp=mlp, layers=layers, patch=patch, values=values, merge=merge)
 
 
+def dynamic_resolution(config: PretrainedConfig) -> bool:
+    """Whether the model's vision tower takes each image at its own size (Qwen2-VL, Qwen2.5-VL, Pixtral)."""
+    return _vision_config(config) is not None and _tower(config)["dynamic"]
+
+
 def _patches_per_tile(config: PretrainedConfig) -> int:
     """Patches of one image (one tile) at the config's resolution; the reference image for a dynamic one."""
     vision, tower = config.vision_config, _tower(config)
@@ -374,9 +379,13 @@ def micro_batch_flops(
     train_llm: bool,
     executed_layers: float | None = None,
     llm_adapter_weights_per_layer: float = 0.0,
+    visual_tokens: int | None = None,
 ) -> float:
     """FLOPs of one micro-batch as the trainer ran it: `images` images through the vision tower and projector, and a
-    (batch_size, llm_length) sequence, padding included, through `executed_layers` decoder layers and the LM head."""
+    (batch_size, llm_length) sequence, padding included, through `executed_layers` decoder layers and the LM head.
+
+    Each image is counted at the config's size (`visual_tokens_per_image`), except for a dynamic-resolution tower
+    given the batch's `visual_tokens`: then each image has its share of them."""
     flags = dict(
         train_vision=train_vision,
         train_projector=train_projector,
@@ -385,7 +394,10 @@ def micro_batch_flops(
     )
     total = 0.0
     if images:
-        vision = step_flops(config, TrainingStep(images, 0, 1, visual_tokens_per_image(config), **flags))
+        per_image = visual_tokens_per_image(config)
+        if visual_tokens is not None and dynamic_resolution(config):
+            per_image = max(1, round(visual_tokens / images))
+        vision = step_flops(config, TrainingStep(images, 0, 1, per_image, **flags))
         total += vision["vision"] + vision["projector"]
     text = step_flops(config, TrainingStep(batch_size, llm_length, **flags), executed_layers=executed_layers)
     return total + text["llm_layers"] + text["lm_head"]

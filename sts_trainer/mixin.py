@@ -27,7 +27,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from .arguments import STSTrainingArguments
 from .callbacks import SavingsReportCallback
-from .flops import UncountableModelError, micro_batch_flops, visual_tokens_per_image
+from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, SkipRecord
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
 from .stage import SparsityPlan, asks_for_sparsity, plan_sparsity
@@ -88,7 +88,7 @@ class STSMixin:
             return cls.from_training_arguments(args)
         raise TypeError(
             f"{type(self).__name__} takes {cls.__name__} (or a class it derives from); got {type(args).__name__}. "
-            f"Define `@dataclass class MyArguments(STSTrainingArguments, {type(args).__name__})` and set "
+            f"Define `@dataclass class MyArguments({type(args).__name__}, STSTrainingArguments)` and set "
             f"`sts_args_class = MyArguments` on the trainer."
         )
 
@@ -207,7 +207,7 @@ class STSMixin:
         config = getattr(self.sts_plan.parts.model, "config", None)
         if self.sts_ledger.flops_not_counted is None:
             try:
-                dense, actual = self._micro_batch_flops(config, input_ids, vtc, lds)
+                dense, actual = self._micro_batch_flops(config, inputs, input_ids, vtc, lds)
             except UncountableModelError as error:
                 self.sts_ledger.flops_not_counted = str(error)
                 logger.warning(f"STS: training FLOPs are not counted, Trainer's estimate is used instead: {error}")
@@ -235,15 +235,19 @@ class STSMixin:
             metrics["sts_flops_dense"].append(dense)
             metrics["sts_flops_actual"].append(actual)
 
-    def _micro_batch_flops(self, config: PretrainedConfig, input_ids, vtc, lds) -> tuple[float, float]:
+    def _micro_batch_flops(self, config: PretrainedConfig, inputs, input_ids, vtc, lds) -> tuple[float, float]:
         """(dense, actual) FLOPs of one micro-batch: the tokens the language model really received, the layers that
         really ran."""
         parts = self.sts_plan.parts
-        images = 0
+        images = visual = 0
         if parts.is_multimodal and (visual := int((input_ids == parts.image_token_id).sum())):
-            # images (or tiles) of the config's size; dynamic-resolution models are counted at a reference size
-            images = max(1, round(visual / visual_tokens_per_image(config)))
-        common = dict(config=config, batch_size=input_ids.shape[0], images=images, **self._sts_trains)
+            if dynamic_resolution(config):  # each image at its own size: its share of the batch's visual tokens
+                grids = inputs.get("image_grid_thw", inputs.get("image_sizes"))
+                images = len(grids) if grids is not None else 1
+            else:  # images (or tiles) of the config's size
+                images = max(1, round(visual / visual_tokens_per_image(config)))
+        common = dict(config=config, batch_size=input_ids.shape[0], images=images, visual_tokens=visual,
+                      **self._sts_trains)
         length = input_ids.shape[1]
         dense = micro_batch_flops(llm_length=length, **common)
         llm_length = vtc.llm_length if vtc is not None and vtc.llm_length is not None else length

@@ -4,7 +4,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sts_trainer import STSTrainer, STSTrainingArguments
-from sts_trainer.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
+from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
 
 
 class ListDataset(torch.utils.data.Dataset):

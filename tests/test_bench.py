@@ -1,7 +1,7 @@
 import json
 import math
 
-from sts_trainer import bench
+from sts_trainer.lab import bench
 
 
 def test_quick_benchmark_produces_every_row(tmp_path):

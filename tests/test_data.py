@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from sts_trainer.data import (
+from sts_trainer.llava.data import (
     CHAT_TEMPLATE,
     IGNORE_INDEX,
     DataArguments,
@@ -18,7 +18,7 @@ from sts_trainer.data import (
     resolve_chat_template,
     to_messages,
 )
-from sts_trainer.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
+from sts_trainer.lab.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
 
 TOKENS_PER_IMAGE = (32 // 8) ** 2
 NO_GENERATION_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from sts_trainer import experiment
-from sts_trainer.synthetic import CATEGORIES
+from sts_trainer.lab import experiment
+from sts_trainer.lab.synthetic import CATEGORIES
 
 
 @pytest.fixture(scope="module")

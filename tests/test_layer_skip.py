@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
 
 from sts_trainer import STSTrainer, skip_probability
 from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer, decision_generator
-from sts_trainer.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
+from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
 
 from .helpers import plain_training_args, train, training_args
 

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from sts_trainer.metrics import AVAILABLE_METRICS, METRICS_DIR, load_metric
-from sts_trainer.metrics.mme import mme_label
-from sts_trainer.metrics.pope import pope_label
-from sts_trainer.metrics.vqa_accuracy import normalize_answer, vqa_soft_accuracy
+from sts_trainer.llava.metrics import AVAILABLE_METRICS, METRICS_DIR, load_metric
+from sts_trainer.llava.metrics.mme import mme_label
+from sts_trainer.llava.metrics.pope import pope_label
+from sts_trainer.llava.metrics.vqa_accuracy import normalize_answer, vqa_soft_accuracy
 
 
 @pytest.mark.parametrize(

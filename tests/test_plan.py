@@ -1,4 +1,4 @@
-"""The planner (`python -m sts_trainer.plan`) on the shipped LLaVA-1.5 configs, in-process and offline."""
+"""The planner (`python -m sts_trainer.lab.plan`) on the shipped LLaVA-1.5 configs, in-process and offline."""
 
 import contextlib
 import io
@@ -10,7 +10,7 @@ import pytest
 from transformers import LlamaConfig, LlavaConfig
 
 from sts_trainer.flops import PARTS
-from sts_trainer.plan import load_config, main
+from sts_trainer.lab.plan import load_config, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 

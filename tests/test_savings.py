@@ -5,7 +5,7 @@ import pytest
 from transformers import Trainer
 
 from sts_trainer.flops import micro_batch_flops
-from sts_trainer.tiny import freeze_for_alignment, tiny_llava, tiny_llava_config
+from sts_trainer.lab.tiny import freeze_for_alignment, tiny_llava, tiny_llava_config
 
 from .helpers import plain_training_args, tiny_dataset, train, training_args
 

@@ -10,15 +10,15 @@ import yaml
 from transformers import HfArgumentParser
 
 from sts_trainer.arguments import STSTrainingArguments
-from sts_trainer.data import DataArguments
-from sts_trainer.train import ModelArguments
+from sts_trainer.llava.data import DataArguments
+from sts_trainer.llava.train import ModelArguments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def script_arguments(name):
     text = open(os.path.join(ROOT, "scripts", name)).read()
-    command = text[text.index("--module sts_trainer.train") + len("--module sts_trainer.train") : text.index('"$@"')]
+    command = text[text.index("--module sts_trainer.llava.train") + len("--module sts_trainer.llava.train") : text.index('"$@"')]
     command = re.sub(r"\$\{?(\w+)\}?", "x", command.replace("\\\n", " "))
     return shlex.split(command)
 

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor
 
-from sts_trainer.synthetic import (
+from sts_trainer.lab.synthetic import (
     CATEGORIES,
     COLORS,
     build_tokenizer_and_processor,

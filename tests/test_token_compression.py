@@ -27,8 +27,8 @@ from sts_trainer.token_compression import (
     uniform_indices,
 )
 from sts_trainer.layer_skip import decision_generator
-from sts_trainer.synthetic import build_tokenizer_and_processor
-from sts_trainer.tiny import (
+from sts_trainer.lab.synthetic import build_tokenizer_and_processor
+from sts_trainer.lab.tiny import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     collate,

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from sts_trainer.data import CHAT_TEMPLATE
-from sts_trainer.demo import DemoArguments, build_assets
-from sts_trainer.synthetic import write_dataset
-from sts_trainer.train import check_stages, main, parse
+from sts_trainer.llava.data import CHAT_TEMPLATE
+from sts_trainer.lab.demo import DemoArguments, build_assets
+from sts_trainer.lab.synthetic import write_dataset
+from sts_trainer.llava.train import check_stages, main, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,7 +174,7 @@ def test_two_processes_with_the_deepspeed_launcher(world, stage1, tmp_path, zero
         model = ["--model_name_or_path", str(stage1[0])]
     out = tmp_path / "out"
     command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29631",
-               "--module", "sts_trainer.train", *model, "--training_stage", stage, *data(world, stage),
+               "--module", "sts_trainer.llava.train", *model, "--training_stage", stage, *data(world, stage),
                "--deepspeed", os.path.join(ROOT, "configs", f"{zero}.json"), *common(out, steps=3)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -192,8 +192,8 @@ def test_projector_learning_rate_and_modality_grouping(world, stage1, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from sts_trainer.arguments import STSTrainingArguments
-    from sts_trainer.data import DataArguments, LazyLlavaDataset, ModalityLengthGroupedSampler
-    from sts_trainer.train import LlavaTrainer, ModelArguments, set_trainable
+    from sts_trainer.llava.data import DataArguments, LazyLlavaDataset, ModalityLengthGroupedSampler
+    from sts_trainer.llava.train import LlavaTrainer, ModelArguments, set_trainable
 
     model = AutoModelForImageTextToText.from_pretrained(stage1[0])
     processor = AutoProcessor.from_pretrained(stage1[0])

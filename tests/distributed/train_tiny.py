@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from transformers import TrainerCallback  # noqa: E402
 
 from sts_trainer import STSTrainer, STSTrainingArguments  # noqa: E402
-from sts_trainer.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config  # noqa: E402
+from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config  # noqa: E402
 
 
 class ExitAfterSave(TrainerCallback):

@@ -1,12 +1,12 @@
 """The embedded demo: LLaVA's two training stages with STS, end to end, on a machine with nothing downloaded.
 
-    sts-train --demo                       # or: python -m sts_trainer.demo; about 2.5 minutes on 2 CPU cores
-    sts-train --demo --dense               # the same without STS, for comparison
+    sts-demo                               # or: python -m sts_trainer.lab.demo; about 2.5 minutes on 2 CPU cores
+    sts-demo --dense                       # the same without STS, for comparison
 
 It writes a synthetic image-question world in LLaVA format (PNG scenes of coloured shapes, captions for alignment,
 questions on colour, shape, counting, position, existence and short text for instruction tuning), a tiny language
 model with its tokenizer and a tiny CLIP vision tower with its image processor, all built locally with random
-weights. Then, through the same code path as the command line (`sts_trainer.train.run`):
+weights. Then, through the same code path as the command line (`sts_trainer.llava.train.run`):
   1. alignment: a new LLaVA composed from the two, only the projector trains, with the Visual Token Compressor;
   2. instruction tuning from stage 1's output, projector and language model train, with the Layer Dynamic Skipper;
 and ends with a summary: per stage steps, time, FLOPs saved, final loss, and accuracy on held-out questions.
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel, HfArgumentParser, LlamaForCausalLM
 
-from .arguments import STSTrainingArguments
-from .data import DataArguments
-from .evaluate import evaluate_model
+from ..arguments import STSTrainingArguments
+from ..llava.data import DataArguments
+from ..llava.evaluate import evaluate_model
+from ..llava.train import ModelArguments, run
 from .synthetic import build_tokenizer_and_processor, tiny_llava_config_for, write_dataset
-from .train import ModelArguments, run
 
 
 @dataclass

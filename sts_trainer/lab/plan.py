@@ -1,7 +1,7 @@
 """`sts-plan`: the training FLOPs STS saves on a model, per stage and over a whole two-stage run, before training.
 
-    python -m sts_trainer.plan --model_config configs/models/llava-1.5-7b.json
-    python -m sts_trainer.plan --model_config configs/models/llava-1.5-13b.json --json
+    python -m sts_trainer.lab.plan --model_config configs/models/llava-1.5-7b.json
+    python -m sts_trainer.lab.plan --model_config configs/models/llava-1.5-13b.json --json
 
 The model is read from its config alone (a directory holding config.json, or a config JSON file) and instantiated on
 the meta device to count parameters and check that sts_trainer knows its module paths: no weights are loaded. The
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, HfArgumentParser, PretrainedConfig
 
-from .architectures import find_parts
-from .arguments import LDS_SCHEDULES
-from .flops import PARTS, TrainingStep, expected_executed_fraction, step_flops, visual_tokens_per_image
-from .token_compression import num_kept
+from ..architectures import find_parts
+from ..arguments import LDS_SCHEDULES
+from ..flops import PARTS, TrainingStep, expected_executed_fraction, step_flops, visual_tokens_per_image
+from ..token_compression import num_kept
 
 
 @dataclass

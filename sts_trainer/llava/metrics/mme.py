@@ -38,7 +38,7 @@ Returns:
     {category}/accuracy, {category}/accuracy_plus, {category}/score (`float`): the same for each subtask, when
         `categories` is given.
 Examples:
-    >>> from sts_trainer.metrics import load_metric
+    >>> from sts_trainer.llava.metrics import load_metric
     >>> mme = load_metric("mme")
     >>> mme.compute(predictions=["Yes", "No", "Yes", "Yes"], references=["yes", "no", "yes", "no"],
     ...             image_ids=["a.jpg", "a.jpg", "b.jpg", "b.jpg"])

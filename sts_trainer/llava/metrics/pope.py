@@ -29,7 +29,7 @@ Returns:
     f1 (`float`): 2 * precision * recall / (precision + recall), 0.0 when both are 0.
     yes_ratio (`float`): fraction of predictions parsed as "yes" (a balanced POPE split has 0.5 "yes" references).
 Examples:
-    >>> from sts_trainer.metrics import load_metric
+    >>> from sts_trainer.llava.metrics import load_metric
     >>> pope = load_metric("pope")
     >>> pope.compute(predictions=["Yes, there is.", "No.", "Yes"], references=["yes", "yes", "no"])
     {'accuracy': 0.3333333333333333, 'precision': 0.5, 'recall': 0.5, 'f1': 0.5, 'yes_ratio': 0.6666666666666666}

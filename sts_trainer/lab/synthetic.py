@@ -2,7 +2,7 @@
 
 Used by the demo, the tests and the accuracy experiment, where no real data set or tokenizer can be downloaded::
 
-    from sts_trainer.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
+    from sts_trainer.lab.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
 
     paths = write_dataset("data", num_samples=1000, split="train", seed=0, stage="instruction")
     held_out = write_dataset("data", num_samples=200, split="test", seed=0, stage="instruction")
@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .data import CHAT_TEMPLATE, IMAGE_TOKEN
+from ..llava.data import CHAT_TEMPLATE, IMAGE_TOKEN
 from .tiny import tiny_llava_config
 
 SHAPES = ("circle", "square", "triangle")
@@ -307,7 +307,7 @@ def build_tokenizer_and_processor(
     Token ids: `<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3, `<image>` 4, `USER:` 5, `ASSISTANT:` 6, then the words
     (lower-cased by the tokenizer). Each `<image>` expands to (image_size / patch_size)^2 placeholders: CLIP adds a
     CLS token (`num_additional_image_tokens=1`) that the 'default' feature strategy drops. The chat template is
-    `sts_trainer.data.CHAT_TEMPLATE` ("USER: ... ASSISTANT: answer</s>"). What a matching model needs is on the
+    `sts_trainer.llava.data.CHAT_TEMPLATE` ("USER: ... ASSISTANT: answer</s>"). What a matching model needs is on the
     processor: `processor.image_token_id`, `len(processor.tokenizer)`, `processor.patch_size`,
     `processor.image_processor.crop_size`; `tiny_llava_for(processor)` builds one. Saved to `out_dir` when given,
     from where `AutoProcessor.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)` reload it offline.

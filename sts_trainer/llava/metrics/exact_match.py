@@ -20,7 +20,7 @@ Args:
 Returns:
     exact_match (`float`): fraction of examples whose normalised prediction equals the normalised reference, in [0, 1].
 Examples:
-    >>> from sts_trainer.metrics import load_metric
+    >>> from sts_trainer.llava.metrics import load_metric
     >>> exact_match = load_metric("exact_match")
     >>> exact_match.compute(predictions=["Two.", "The dog", "cat"], references=["2", "dog", "cats"])
     {'exact_match': 0.6666666666666666}

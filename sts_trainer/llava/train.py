@@ -1,8 +1,7 @@
 """The training command line: LLaVA's two stages on Hugging Face models, with STS.
 
-    sts-train --demo                                   # the embedded demo (no downloads), see sts_trainer/demo.py
     sts-train args.yaml                                # every argument from one JSON or YAML file
-    deepspeed --num_gpus 8 -m sts_trainer.train --deepspeed configs/zero2.json \\
+    deepspeed --num_gpus 8 -m sts_trainer.llava.train --deepspeed configs/zero2.json \\
         --language_model lmsys/vicuna-7b-v1.5 --vision_tower openai/clip-vit-large-patch14-336 \\
         --training_stage alignment --data_path blip_laion_cc_sbu_558k.json --image_folder images \\
         --output_dir checkpoints/stage1 ...            # scripts/pretrain.sh and scripts/finetune.sh have the rest
@@ -37,8 +36,9 @@ from transformers import (
 )
 from transformers.integrations import deepspeed as hf_deepspeed
 
-from .architectures import find_parts
-from .arguments import STSTrainingArguments
+from ..architectures import find_parts
+from ..arguments import STSTrainingArguments
+from ..trainer import STSTrainer
 from .data import (
     CHAT_TEMPLATE,
     DataArguments,
@@ -47,7 +47,6 @@ from .data import (
     ModalityLengthGroupedSampler,
     resolve_chat_template,
 )
-from .trainer import STSTrainer
 
 logger = logging.getLogger("sts_trainer")
 
@@ -384,11 +383,6 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    if "--demo" in argv:
-        from .demo import main as demo_main
-
-        argv.remove("--demo")
-        return demo_main(argv)
     model_args, data_args, training_args = parse(argv)
     return run(model_args, data_args, training_args)
 

@@ -36,7 +36,7 @@ Args:
 Returns:
     vqa_accuracy (`float`): mean soft accuracy over questions, in [0, 1].
 Examples:
-    >>> from sts_trainer.metrics import load_metric
+    >>> from sts_trainer.llava.metrics import load_metric
     >>> vqa = load_metric("vqa_accuracy")
     >>> vqa.compute(predictions=["Two."], references=[["2", "2", "two", "3", "3", "3", "3", "3", "3", "3"]])
     {'vqa_accuracy': 0.9}

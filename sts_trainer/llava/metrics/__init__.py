@@ -1,6 +1,6 @@
 """Metrics for VQA-style evaluation, shipped as `evaluate` modules so that they load with no Hub access.
 
-    from sts_trainer.metrics import load_metric
+    from sts_trainer.llava.metrics import load_metric
     vqa = load_metric("vqa_accuracy")
     vqa.compute(predictions=["Two."], references=[["2"] * 10])  # {'vqa_accuracy': 1.0}
 

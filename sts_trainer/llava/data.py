@@ -106,7 +106,7 @@ class DataArguments:
             "in output_dir so that the next stage and inference use the same one. It must mark the assistant replies "
             "(the tokens that get labels) with a Jinja 'generation' block, which most hub processors' templates lack. "
             "'auto': the processor's template if it has such a block, else 'llava' (with a warning). 'llava': "
-            "LLaVA-1.5's 'USER: ... ASSISTANT: ...' template (sts_trainer.data.CHAT_TEMPLATE). 'processor': the "
+            "LLaVA-1.5's 'USER: ... ASSISTANT: ...' template (sts_trainer.llava.data.CHAT_TEMPLATE). 'processor': the "
             "processor's own; an error if it has no such block. Or the path of a Jinja file holding the template."
         },
     )
@@ -155,7 +155,7 @@ def _read_template_file(path: str) -> str:
         raise ValueError(
             f"The chat template in {path} (--chat_template) has no {{% generation %}} block, so the assistant "
             "replies to train on cannot be found; put {% generation %}...{% endgeneration %} around each reply and "
-            "its end-of-turn token, as sts_trainer.data.CHAT_TEMPLATE does."
+            "its end-of-turn token, as sts_trainer.llava.data.CHAT_TEMPLATE does."
         )
     return template
 
@@ -175,12 +175,12 @@ def resolve_chat_template(choice: str, processor_template: str | None) -> str:
     if choice == "processor":
         raise ValueError(
             f"--chat_template processor: the processor's chat template {problem}. Pass --chat_template auto or llava "
-            "(LLaVA-1.5's template, sts_trainer.data.CHAT_TEMPLATE), or --chat_template path/to/template.jinja with a "
+            "(LLaVA-1.5's template, sts_trainer.llava.data.CHAT_TEMPLATE), or --chat_template path/to/template.jinja with a "
             "{% generation %} block around each reply."
         )
     logger.warning(
         f"--chat_template auto: the processor's chat template {problem}, so LLaVA-1.5's template "
-        "(sts_trainer.data.CHAT_TEMPLATE, 'USER: ... ASSISTANT: ...') is used instead and saved with the processor. "
+        "(sts_trainer.llava.data.CHAT_TEMPLATE, 'USER: ... ASSISTANT: ...') is used instead and saved with the processor. "
         "Pass --chat_template llava to choose it, or processor or path/to/template.jinja for another."
     )
     return CHAT_TEMPLATE
@@ -268,7 +268,7 @@ class LazyLlavaDataset(torch.utils.data.Dataset):
             raise ValueError(
                 "The processor's chat template has no {% generation %} block, so the assistant replies to train on "
                 "cannot be found. With sts-train pass --chat_template auto, llava or path/to/template.jinja (one with "
-                "such a block); in Python set `processor.chat_template = sts_trainer.data.CHAT_TEMPLATE`."
+                "such a block); in Python set `processor.chat_template = sts_trainer.llava.data.CHAT_TEMPLATE`."
             )
         self.skipped: list[tuple[int, str, str]] = []
         records = _read_records(data_path)

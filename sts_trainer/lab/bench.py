@@ -1,7 +1,7 @@
 """Benchmark: STS against plain training and against the best any implementation could do, side by side.
 
-    python -m sts_trainer.bench                      # about 12 minutes on 2 CPU cores
-    python -m sts_trainer.bench --quick              # a smoke run (seconds; numbers meaningless)
+    python -m sts_trainer.lab.bench                      # about 12 minutes on 2 CPU cores
+    python -m sts_trainer.lab.bench --quick              # a smoke run (seconds; numbers meaningless)
 
 Every configuration trains the same CPU-sized LLaVA (a small vision tower, a language model that dominates the cost)
 for a few optimizer steps with `Trainer` or `STSTrainer`; all configurations run in one process, interleaved in
@@ -35,11 +35,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from .arguments import STSTrainingArguments
-from .flops import micro_batch_flops
+from ..arguments import STSTrainingArguments
+from ..flops import micro_batch_flops
+from ..token_compression import num_kept
+from ..trainer import STSTrainer
 from .tiny import collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
-from .token_compression import num_kept
-from .trainer import STSTrainer
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Accuracy retention: the demo's recipe trained densely and with each STS variant, same seeds, data and steps.
 
-    python -m sts_trainer.experiment --output_dir accuracy_results   # 3 seeds, ~40 min on 2 CPU cores: docs/accuracy.md
-    python -m sts_trainer.experiment --quick --output_dir /tmp/acc    # a smoke run, under a minute; numbers meaningless
+    python -m sts_trainer.lab.experiment --output_dir accuracy_results   # 3 seeds, ~40 min on 2 CPU cores: docs/accuracy.md
+    python -m sts_trainer.lab.experiment --quick --output_dir /tmp/acc    # a smoke run, under a minute; numbers meaningless
 
-Per seed, the synthetic world's data and the tiny models are built once (`sts_trainer.demo`; the demo's recipe, with
+Per seed, the synthetic world's data and the tiny models are built once (`sts_trainer.lab.demo`; the demo's recipe, with
 fewer instruction steps by default to fit the time budget), and every variant trains from them for the same steps on
 the same batches:
 
@@ -39,11 +39,11 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from .data import DataArguments
+from ..llava.data import DataArguments
+from ..llava.evaluate import evaluate_model
+from ..llava.train import ModelArguments, run
 from .demo import DemoArguments, _training_args, build_assets
-from .evaluate import evaluate_model
 from .synthetic import CATEGORIES, write_dataset
-from .train import ModelArguments, run
 
 logger = logging.getLogger("sts_trainer")
 
