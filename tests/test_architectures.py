@@ -37,9 +37,9 @@ from transformers import (
     MistralConfig,
     PaliGemmaConfig,
     PixtralVisionConfig,
+    Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen2VLConfig,
-    Qwen2_5_VLConfig,
     SiglipVisionConfig,
     SmolVLMConfig,
     Trainer,
@@ -47,7 +47,7 @@ from transformers import (
 )
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from sts_trainer import STSTrainer, STSTrainingArguments, plan_sparsity
+from sts_trainer import STSTrainer, STSTrainingArguments
 from sts_trainer.architectures import ARCHITECTURES, find_parts
 from sts_trainer.flops import TrainingStep, step_flops, visual_tokens_per_image
 from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer

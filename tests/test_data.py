@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
+from sts_trainer.lab.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
 from sts_trainer.llava.data import (
     CHAT_TEMPLATE,
     IGNORE_INDEX,
@@ -18,7 +19,6 @@ from sts_trainer.llava.data import (
     resolve_chat_template,
     to_messages,
 )
-from sts_trainer.lab.synthetic import build_tokenizer_and_processor, tiny_llava_for, write_dataset
 
 TOKENS_PER_IMAGE = (32 // 8) ** 2
 NO_GENERATION_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")

@@ -7,10 +7,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from sts_trainer.architectures import find_parts
 from sts_trainer.flops import TrainingStep, expected_executed_fraction, step_flops, visual_tokens_per_image
-from sts_trainer.layer_skip import LayerSkipper
 from sts_trainer.lab.tiny import IMAGE_TOKEN_ID, collate, synthetic_samples, tiny_llava, tiny_llava_config
-from sts_trainer.token_compression import TokenCompressor, num_kept
+from sts_trainer.layer_skip import LayerSkipper
 from sts_trainer.mixin import _trainable_parts
+from sts_trainer.token_compression import TokenCompressor, num_kept
 
 
 def hand_config() -> LlavaConfig:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, Trainer, TrainerCallback
 
 from sts_trainer import STSTrainer, skip_probability
-from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer, decision_generator
 from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
+from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer
 
 from .helpers import plain_training_args, train, training_args
 

@@ -7,7 +7,7 @@ from transformers import Trainer
 from sts_trainer.flops import micro_batch_flops
 from sts_trainer.lab.tiny import freeze_for_alignment, tiny_llava, tiny_llava_config
 
-from .helpers import plain_training_args, tiny_dataset, train, training_args
+from .helpers import plain_training_args, train, training_args
 
 
 def test_vtc_run_reports_actual_flops_and_writes_the_report(out_dir, capsys):

@@ -4,7 +4,6 @@ vision-language collator: alignment with VTC, instruction tuning with LDS, spars
 import datasets
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -1,12 +1,10 @@
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from torch import nn
-
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
 from transformers import (
     Mistral3Config,
     MistralConfig,
@@ -16,17 +14,6 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from sts_trainer.token_compression import (
-    TokenCompressor,
-    compress_batch,
-    image_grids,
-    instruction_indices,
-    num_kept,
-    random_indices,
-    template_token_ids,
-    uniform_indices,
-)
-from sts_trainer.layer_skip import decision_generator
 from sts_trainer.lab.synthetic import build_tokenizer_and_processor
 from sts_trainer.lab.tiny import (
     IMAGE_TOKEN_ID,
@@ -36,6 +23,17 @@ from sts_trainer.lab.tiny import (
     synthetic_samples,
     tiny_llava,
     tiny_llava_config,
+)
+from sts_trainer.layer_skip import decision_generator
+from sts_trainer.token_compression import (
+    TokenCompressor,
+    compress_batch,
+    image_grids,
+    instruction_indices,
+    num_kept,
+    random_indices,
+    template_token_ids,
+    uniform_indices,
 )
 
 from .helpers import ListDataset, train, training_args

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from sts_trainer.llava.data import CHAT_TEMPLATE
+from sts_trainer import STSTrainingArguments
 from sts_trainer.lab.demo import DemoArguments, build_assets
 from sts_trainer.lab.synthetic import write_dataset
+from sts_trainer.llava.data import CHAT_TEMPLATE
 from sts_trainer.llava.train import check_stages, main, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,3 +292,17 @@ def test_sts_stage_naming_the_other_training_stage_warns(tmp_path, caplog, train
     assert len(messages) == warns
     if warns:
         assert f"--sts_stage {sts_stage} overrides what --training_stage {training_stage} would pick" in messages[0]
+
+
+def test_the_command_line_honours_the_parts_the_user_names(out_dir):
+    """--sts_projector (and the other two part options) reach set_trainable, the projector learning rate and the saved
+    projector, as they reach the trainer."""
+    from sts_trainer.lab.tiny import tiny_llava
+    from sts_trainer.llava.train import ModelArguments, model_parts, set_trainable
+
+    named = STSTrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], sts_projector="model.multi_modal_projector.linear_2")
+    model = set_trainable(tiny_llava(), ModelArguments(model_name_or_path="unused", training_stage="alignment"), named)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"}
+    assert model_parts(model, named).projector is model.model.multi_modal_projector.linear_2
+    assert model_parts(model).projector is model.model.multi_modal_projector  # the architecture's own, unnamed

@@ -22,9 +22,9 @@ from transformers import (
 )
 
 from sts_trainer import STSTrainer, plan_sparsity
+from sts_trainer.lab.tiny import collate, freeze_for_alignment, tiny_llava, tiny_llava_config
 from sts_trainer.layer_skip import _SkippableLayer
 from sts_trainer.savings import STATE_FILE
-from sts_trainer.lab.tiny import collate, freeze_for_alignment, tiny_llava, tiny_llava_config
 
 from .helpers import ListDataset, LossRecorder, plain_training_args, tiny_dataset, train, training_args
 

@@ -203,9 +203,19 @@ def load_model(model_args: ModelArguments):
     return model, processor
 
 
-def set_trainable(model, model_args: ModelArguments):
+def model_parts(model, training_args: STSTrainingArguments | None = None):
+    """`find_parts` with the parts the user named (`--sts_projector`, `--sts_decoder_layers`, `--sts_image_token_id`),
+    so the command line finds the same projector and language model as the trainer does."""
+    if training_args is None:
+        return find_parts(model)
+    return find_parts(
+        model, training_args.sts_projector, training_args.sts_decoder_layers, training_args.sts_image_token_id
+    )
+
+
+def set_trainable(model, model_args: ModelArguments, training_args: STSTrainingArguments | None = None):
     """Stage 1: the projector only. Stage 2: projector and language model, or LoRA adapters on the language model."""
-    parts = find_parts(model)
+    parts = model_parts(model, training_args)
     for param in model.parameters():
         param.requires_grad = False
     for param in parts.projector.parameters():
@@ -245,7 +255,7 @@ class LlavaTrainer(STSTrainer):
         if self.projector_lr is None or self.optimizer is not None:
             return super().create_optimizer(model)
         model = self.model if model is None else model
-        projector = {id(p) for p in find_parts(model).projector.parameters()}
+        projector = {id(p) for p in model_parts(model, self.args).projector.parameters()}
         decay = set(self.get_decay_parameter_names(model))
         groups = {}
         for name, param in model.named_parameters():
@@ -278,7 +288,7 @@ def save_outputs(trainer: LlavaTrainer, model_args: ModelArguments, processor) -
     trainer.save_model(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if model_args.training_stage == "alignment":
-        parts = find_parts(model)
+        parts = model_parts(model, trainer.args)
         prefix = next(name for name, m in parts.model.named_modules() if m is parts.projector)
         # Under ZeRO-3 the projector's parameters are partitioned: every rank takes part in gathering them.
         gather = contextlib.nullcontext()
@@ -304,7 +314,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: STS
     model, processor = load_model(model_args)
     # Also the template saved with the processor, so that the next stage and inference use the same one.
     processor.chat_template = resolve_chat_template(data_args.chat_template, processor.chat_template)
-    model = set_trainable(model, model_args)
+    model = set_trainable(model, model_args, training_args)
     if data_args.conversation_format == "auto":
         data_args.conversation_format = "plain" if model_args.training_stage == "alignment" else "chat"
     train_dataset = LazyLlavaDataset.from_arguments(data_args, processor)
