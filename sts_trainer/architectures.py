@@ -1,34 +1,12 @@
-"""Where STS finds the parts it works on, and how each model takes its images, per `config.model_type`: plain data.
+"""What STS knows of each architecture, per `config.model_type`: typed entries, plain data.
 
 Each entry of `ARCHITECTURES` describes the `*ForConditionalGeneration` / `*ForCausalLM` model of transformers; module
 paths are attribute paths from that model.
 
-Parts (both components):
-- `language_model`: the decoder stack whose parameters decide the stage (with the model's output embeddings);
-- `layers`: its list of decoder layers (LDS skips entries of it; the list itself is never shortened, so per-layer
-  facts indexed by position, such as Gemma3's and Qwen2-VL's `layer_types[i]`, stay right);
-- `projector`: the module that maps vision features into the language model (VTC works on its output);
-- `image_token`: the config attribute holding the id of the image placeholder token.
-
-How the model takes images (VTC only):
-- `image_inputs`: the batch keys that the vision path consumes; VTC hands them to the model's `get_image_features`
-  and removes them from what the language model gets (they describe the full image, not the kept tokens);
-- `features`: what the model's forward expects in `mm_encoder_outputs["image"].pooler_output`: 'list' of per-image
-  (n_i, D) tensors, or one 'tensor' (PaliGemma, Gemma3 and InternVL index `.shape` and call `.to()` on it);
-- `route`: how the kept features reach the model. 'mm_encoder_outputs': the model's own argument for precomputed
-  image features (every transformers VLM listed here has it). 'inputs_embeds': VTC embeds the shortened input ids
-  itself, writes the kept features over the image placeholders and passes `inputs_embeds` (the custom-model route);
-- `newline`: path of a learned embedding that the model appends to the image features (LLaVA-NeXT's `image_newline`
-  after every row of the anyres grid, and after a single-tile image). Its rows are always kept: they tell the
-  language model where a row of the grid ends, and they are a few percent of the tokens. `vtc_keep_ratio` applies to
-  the other tokens of the image (the base image and the high-resolution tiles, in the model's own order);
-- `tile_tokens`: path of the number of tokens per tile, when `get_image_features` returns one tensor per *sample*
-  holding all its tiles (Idefics3, SmolVLM): VTC splits it into tiles and compresses each tile as an image;
-- `rope_index`: path of the model's M-RoPE position function (Qwen2-VL, Qwen2.5-VL). Positions are then computed by
-  it on the FULL sequence, and the kept tokens keep theirs ('original' semantics, whatever `vtc_position_ids` says):
-  M-RoPE gives an image token its (t, h, w) place on the image grid, which only the full sequence defines;
-- `first_position`: the position id of a sequence's first token (PaliGemma counts from 1), used by
-  `vtc_position_ids='original'` when the batch brings no position ids.
+What an entry holds (`Architecture`): where the parts are, how the model takes its images (VTC), and its shapes
+(token grids for `uniform`, tokens per image and projector widths for `flops.py`); vision towers, which several
+models share, have entries of their own (`VISION_TOWERS`, by `vision_config.model_type`). Adding a model is one entry
+here (and one in `VISION_TOWERS` for a new tower).
 
 Text-only causal LMs have no projector and no image token: LDS works on them, VTC does not.
 
@@ -45,71 +23,215 @@ VTC then uses the `CUSTOM_VLM` facts, the contract such a model must meet:
   states as a plain tensor (every transformers 5 decoder layer does).
 """
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
-_VTC_DEFAULTS = {
-    "image_inputs": ("pixel_values",),
-    "features": "list",
-    "route": "mm_encoder_outputs",
-    "newline": None,
-    "tile_tokens": None,
-    "rope_index": None,
-    "first_position": 0,
-}
-_LLAVA = {
-    **_VTC_DEFAULTS,
-    "language_model": "model.language_model",
-    "layers": "model.language_model.layers",
-    "projector": "model.multi_modal_projector",
-    "image_token": "image_token_id",
-    "image_inputs": ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy"),
-}
-_LLAVA_NEXT = {**_LLAVA, "newline": "model.image_newline"}
-_QWEN2_VL = {
-    **_LLAVA,
-    "projector": "model.visual.merger",
-    "image_inputs": ("pixel_values", "image_grid_thw"),  # pixel_values: flattened patches of every image
-    "rope_index": "model.get_rope_index",
-}
-_IDEFICS3 = {
-    **_LLAVA,
-    "language_model": "model.text_model",
-    "layers": "model.text_model.layers",
-    "projector": "model.connector",
-    "image_inputs": ("pixel_values", "pixel_attention_mask"),
-    "tile_tokens": "model.image_seq_len",
-}
-_CAUSAL_LM = {
-    **_VTC_DEFAULTS,
-    "language_model": "model",
-    "layers": "model.layers",
-    "projector": None,
-    "image_token": None,
+
+def side_of(value) -> int:
+    return value if isinstance(value, int) else value[0]  # InternVL writes sizes as [h, w]
+
+
+def _patches_per_side(config) -> int:
+    return side_of(config.vision_config.image_size) // side_of(config.vision_config.patch_size)
+
+
+def feature_layers(config) -> list[int]:
+    """The vision hidden states the projector reads: `vision_feature_layer` where the model has one, else the last."""
+    layer = getattr(config, "vision_feature_layer", -1)
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def _square_grids(side: Callable):
+    """Grids of a fixed-resolution model: every image (or tile) a square of `side(config)` tokens per side."""
+    return lambda config, vision_inputs, count: [(side(config), side(config))] * count
+
+
+def _qwen2_vl_grids(config, vision_inputs, count):
+    # image_grid_thw (t, h, w) counts vision patches; the merger joins merge^2 of them into one token, in raster order
+    merge = config.vision_config.spatial_merge_size
+    return [(t * (h // merge), w // merge) for t, h, w in vision_inputs["image_grid_thw"].tolist()]
+
+
+def _mistral3_grids(config, vision_inputs, count):
+    # image_sizes (h, w) in pixels; Pixtral patches merged by spatial_merge_size, as Mistral3Model.get_image_features
+    ratio = config.vision_config.patch_size * config.spatial_merge_size
+    return [(h // ratio, w // ratio) for h, w in torch.as_tensor(vision_inputs["image_sizes"]).tolist()]
+
+
+def _llava_projector(config, vision: int, hidden: int) -> list[tuple[int, int]]:
+    # linear_1 over the concatenated feature layers, then linear_2
+    return [(vision * len(feature_layers(config)), hidden), (hidden, hidden)]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What STS knows of one `model_type`: where its parts are, how it takes its images, and its shapes.
+
+    Parts (module paths from the model):
+    - `language_model`: the decoder stack whose parameters decide the stage (with the model's output embeddings);
+    - `layers`: its list of decoder layers (LDS skips entries of it; the list itself is never shortened, so per-layer
+      facts indexed by position, such as Gemma3's and Qwen2-VL's `layer_types[i]`, stay right);
+    - `projector`: the module that maps vision features into the language model (VTC works on its output);
+    - `image_token`: the config attribute holding the id of the image placeholder token.
+
+    How the model takes images (VTC):
+    - `image_inputs`: the batch keys that the vision path consumes; VTC hands them to the model's `get_image_features`
+      and removes them from what the language model gets (they describe the full image, not the kept tokens);
+    - `features`: what the model's forward expects in `mm_encoder_outputs["image"].pooler_output`: 'list' of
+      per-image (n_i, D) tensors, or one 'tensor' (PaliGemma, Gemma3 and InternVL index `.shape` and call `.to()`);
+    - `route`: how the kept features reach the model. 'mm_encoder_outputs': the model's own argument for
+      precomputed image features (every transformers VLM listed here has it). 'inputs_embeds': VTC embeds the
+      shortened input ids itself, writes the kept features over the image placeholders and passes `inputs_embeds`;
+    - `newline`: path of a learned embedding the model appends to the image features (LLaVA-NeXT's `image_newline`
+      after every row of the anyres grid, and after a single-tile image). Its rows are always kept: they tell the
+      language model where a row of the grid ends, and they are a few percent of the tokens;
+    - `tile_tokens`: path of the number of tokens per tile, when `get_image_features` returns one tensor per *sample*
+      holding all its tiles (Idefics3, SmolVLM): VTC splits it into tiles and compresses each tile as an image;
+    - `rope_index`: path of the model's M-RoPE position function (Qwen2-VL, Qwen2.5-VL). Positions are then computed
+      by it on the FULL sequence, and the kept tokens keep theirs ('original' semantics, whatever
+      `vtc_position_ids` says): M-RoPE gives an image token its (t, h, w) place on the image grid;
+    - `first_position`: the position id of a sequence's first token (PaliGemma counts from 1);
+    - `token_grids(config, vision_inputs, count)`: the (rows, cols) grid of language-model tokens of each of the
+      batch's `count` images (or tiles), for the `uniform` strategy; None: no single grid (LLaVA-NeXT's base tile
+      plus an unpadded grid of tiles), tokens are spaced in raster order.
+
+    Shapes (`flops.py`):
+    - `tokens_per_tile(config, patches)`: the language-model tokens of one image (or tile) of `patches` patches;
+      None: the patches, plus the class token under `vision_feature_select_strategy='full'` (a dynamic-resolution
+      tower: the patches over the merge);
+    - `projector_matmuls(config, vision_width, text_width)`: (in, out) widths of the projector's matmuls, in order,
+      per visual token.
+    """
+
+    language_model: str
+    layers: str
+    projector: str | None = None
+    image_token: str | None = None
+    image_inputs: tuple[str, ...] = ("pixel_values",)
+    features: str = "list"
+    route: str = "mm_encoder_outputs"
+    newline: str | None = None
+    tile_tokens: str | None = None
+    rope_index: str | None = None
+    first_position: int = 0
+    token_grids: Callable | None = None
+    tokens_per_tile: Callable | None = None
+    projector_matmuls: Callable = _llava_projector
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """The shape of a ViT vision tower, by `vision_config.model_type`, for `flops.py`: widths by attribute name of
+    the vision config, and the values per patch and the patches merged per language-model token as functions."""
+
+    cls: bool = False  # a class token
+    gated: bool = False  # a gated MLP (gate, up, down)
+    dynamic: bool = False  # each image at its own size: the patches follow the image
+    joint: bool = False  # attention over all images of a batch as one sequence (block-diagonal mask): Pixtral
+    windowed: bool = False  # window attention but in `fullatt_block_indexes`: Qwen2.5-VL
+    hidden: str = "hidden_size"
+    heads: str = "num_attention_heads"
+    layers: str = "num_hidden_layers"
+    mlp: Callable = lambda vision: vision.intermediate_size
+    values: Callable = lambda vision: vision.num_channels * side_of(vision.patch_size) ** 2
+    merge: Callable = lambda config: 1
+
+
+# Qwen2-VL / 2.5-VL: a patch spans 2 frames (an image is repeated in time); the merger joins m x m patches.
+_QWEN_VALUES = lambda vision: vision.in_channels * vision.temporal_patch_size * vision.patch_size**2  # noqa: E731
+_QWEN_MERGE = lambda config: config.vision_config.spatial_merge_size**2  # noqa: E731
+
+VISION_TOWERS: dict[str, VisionTower] = {
+    "clip_vision_model": VisionTower(cls=True),
+    "siglip_vision_model": VisionTower(),
+    "idefics3_vision": VisionTower(),
+    "smolvlm_vision": VisionTower(),
+    "internvl_vision": VisionTower(cls=True),
+    "pixtral": VisionTower(gated=True, dynamic=True, joint=True, merge=lambda config: config.spatial_merge_size**2),
+    "qwen2_vl_vision": VisionTower(
+        dynamic=True, hidden="embed_dim", heads="num_heads", layers="depth",
+        mlp=lambda vision: vision.embed_dim * vision.mlp_ratio, values=_QWEN_VALUES, merge=_QWEN_MERGE,
+    ),
+    "qwen2_5_vl_vision": VisionTower(
+        gated=True, dynamic=True, windowed=True, heads="num_heads", layers="depth", values=_QWEN_VALUES,
+        merge=_QWEN_MERGE,
+    ),
 }
 
-ARCHITECTURES: dict[str, dict] = {
+_LLAVA = Architecture(
+    language_model="model.language_model",
+    layers="model.language_model.layers",
+    projector="model.multi_modal_projector",
+    image_token="image_token_id",
+    image_inputs=("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy"),
+    token_grids=_square_grids(_patches_per_side),
+)
+_LLAVA_NEXT = replace(_LLAVA, newline="model.image_newline", token_grids=None)
+_QWEN2_VL = replace(
+    _LLAVA,
+    projector="model.visual.merger",
+    image_inputs=("pixel_values", "image_grid_thw"),  # pixel_values: flattened patches of every image
+    rope_index="model.get_rope_index",
+    token_grids=_qwen2_vl_grids,
+    projector_matmuls=lambda config, vision, hidden: [
+        (vision * config.vision_config.spatial_merge_size**2,) * 2,
+        (vision * config.vision_config.spatial_merge_size**2, hidden),
+    ],
+)
+_IDEFICS3 = replace(
+    _LLAVA,
+    language_model="model.text_model",
+    layers="model.text_model.layers",
+    projector="model.connector",
+    image_inputs=("pixel_values", "pixel_attention_mask"),
+    tile_tokens="model.image_seq_len",
+    token_grids=_square_grids(lambda config: _patches_per_side(config) // config.scale_factor),  # pixel shuffle
+    tokens_per_tile=lambda config, patches: patches // config.scale_factor**2,
+    projector_matmuls=lambda config, vision, hidden: [(vision * config.scale_factor**2, hidden)],
+)
+_CAUSAL_LM = Architecture(language_model="model", layers="model.layers")
+
+ARCHITECTURES: dict[str, Architecture] = {
     # vision-language models
     "llava": _LLAVA,
     "llava_next": _LLAVA_NEXT,  # anyres tiles: a variable number of tokens per image, newline tokens kept
     "llava_next_video": _LLAVA_NEXT,  # images only: batches with videos are refused by VTC
-    "llava_onevision": {
-        **_LLAVA_NEXT,
-        "image_inputs": _LLAVA["image_inputs"] + ("vision_aspect_ratio", "batch_num_images"),
-    },
+    "llava_onevision": replace(
+        _LLAVA_NEXT, image_inputs=_LLAVA.image_inputs + ("vision_aspect_ratio", "batch_num_images")
+    ),
     "qwen2_vl": _QWEN2_VL,
     "qwen2_5_vl": _QWEN2_VL,
     "idefics3": _IDEFICS3,
     "smolvlm": _IDEFICS3,
-    "paligemma": {**_LLAVA, "image_inputs": ("pixel_values",), "features": "tensor", "first_position": 1},
-    "gemma3": {**_LLAVA, "image_inputs": ("pixel_values",), "features": "tensor"},
-    "mistral3": {**_LLAVA, "image_inputs": ("pixel_values", "image_sizes", "vision_feature_layer")},
-    "internvl": {
-        **_LLAVA,
-        "image_inputs": ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy"),
-        "features": "tensor",
-    },
+    "paligemma": replace(
+        _LLAVA, image_inputs=("pixel_values",), features="tensor", first_position=1,
+        projector_matmuls=lambda config, vision, hidden: [(vision, config.projection_dim)],
+    ),
+    "gemma3": replace(
+        _LLAVA, image_inputs=("pixel_values",), features="tensor",
+        token_grids=_square_grids(lambda config: math.isqrt(config.mm_tokens_per_image)),  # pooled
+        tokens_per_tile=lambda config, patches: config.mm_tokens_per_image,
+        projector_matmuls=lambda config, vision, hidden: [(vision, hidden)],  # after average pooling
+    ),
+    "mistral3": replace(
+        _LLAVA, image_inputs=("pixel_values", "image_sizes", "vision_feature_layer"), token_grids=_mistral3_grids,
+        # patch merger (h_v m^2 -> h_v), then linear_1 and linear_2
+        projector_matmuls=lambda config, vision, hidden: [
+            (vision * config.spatial_merge_size**2, vision), (vision, hidden), (hidden, hidden)
+        ],
+    ),
+    "internvl": replace(
+        _LLAVA, image_inputs=("pixel_values", "vision_feature_layer", "vision_feature_select_strategy"),
+        features="tensor",
+        token_grids=_square_grids(lambda config: math.isqrt(config.image_seq_length)),  # after the pixel shuffle
+        tokens_per_tile=lambda config, patches: int(patches * config.downsample_ratio**2),
+        projector_matmuls=lambda config, vision, hidden: [(int(vision / config.downsample_ratio**2), hidden),
+                                                          (hidden, hidden)],
+    ),
     # text-only causal LMs (LDS only)
     "llama": _CAUSAL_LM,
     "mistral": _CAUSAL_LM,
@@ -120,8 +242,8 @@ ARCHITECTURES: dict[str, dict] = {
     "gemma3_text": _CAUSAL_LM,
 }
 
-# The VTC facts of a model named by the user (see the module docstring for the contract).
-CUSTOM_VLM = {**_VTC_DEFAULTS, "route": "inputs_embeds"}
+# The facts of a model named by the user (see the module docstring for the contract); `find_parts` fills the paths.
+CUSTOM_VLM = Architecture(language_model="", layers="", route="inputs_embeds")
 
 OVERRIDE_OPTIONS = (
     "sts_decoder_layers (module path of the decoder-layer list, e.g. 'model.layers'; enough for LDS), "
@@ -144,7 +266,7 @@ class ModelParts:
     layers: nn.ModuleList
     projector: nn.Module | None
     image_token_id: int | None
-    facts: dict = field(default_factory=lambda: dict(CUSTOM_VLM))
+    facts: Architecture = CUSTOM_VLM
 
     @property
     def is_multimodal(self) -> bool:
@@ -180,8 +302,8 @@ def get_path(root, path: str, source: str = "the module path"):
     return value
 
 
-def vtc_facts(model: nn.Module) -> dict:
-    """The VTC facts of `model`: its architecture's entry, or `CUSTOM_VLM` for a model_type not listed."""
+def vtc_facts(model: nn.Module) -> Architecture:
+    """The facts of `model`: its architecture's entry, or `CUSTOM_VLM` for a model_type not listed."""
     model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
     return ARCHITECTURES.get(model_type, CUSTOM_VLM)
 
@@ -212,26 +334,25 @@ def find_parts(
             )
         # The decoder stack is the module holding the layer list (the list itself when it sits on the model's root).
         parent = layers.rpartition(".")[0]
-        facts = {**CUSTOM_VLM, "language_model": parent or layers, "layers": layers, "projector": projector,
-                 "image_token": None}
+        facts = replace(CUSTOM_VLM, language_model=parent or layers, layers=layers, projector=projector)
         source = {"layers": "sts_decoder_layers", "projector": "sts_projector"}
     else:
         source = {"layers": f"The {model_type!r} decoder-layer path", "projector": f"The {model_type!r} projector path"}
-        facts = {**facts, "layers": layers or facts["layers"], "projector": projector or facts["projector"]}
+        facts = replace(facts, layers=layers or facts.layers, projector=projector or facts.projector)
         if layers:
             source["layers"] = "sts_decoder_layers"
         if projector:
             source["projector"] = "sts_projector"
 
-    layer_list = get_path(base, facts["layers"], source["layers"])
+    layer_list = get_path(base, facts.layers, source["layers"])
     if not isinstance(layer_list, nn.ModuleList):
         raise ValueError(
-            f"{source['layers']} {facts['layers']!r} names a {type(layer_list).__name__}; LDS needs the nn.ModuleList "
+            f"{source['layers']} {facts.layers!r} names a {type(layer_list).__name__}; LDS needs the nn.ModuleList "
             "of decoder layers."
         )
-    projector_module = get_path(base, facts["projector"], source["projector"]) if facts["projector"] else None
-    if image_token_id is None and facts["image_token"] is not None:
-        image_token_id = getattr(config, facts["image_token"])
+    projector_module = get_path(base, facts.projector, source["projector"]) if facts.projector else None
+    if image_token_id is None and facts.image_token is not None:
+        image_token_id = getattr(config, facts.image_token)
     if projector_module is not None and image_token_id is None:
         raise ValueError(
             f"sts_projector is set for {type(base).__name__} but the image placeholder token is unknown: "
@@ -240,7 +361,7 @@ def find_parts(
     return ModelParts(
         model=base,
         model_type=model_type,
-        language_model=get_path(base, facts["language_model"], source["layers"]),
+        language_model=get_path(base, facts.language_model, source["layers"]),
         layers=layer_list,
         projector=projector_module,
         image_token_id=image_token_id,

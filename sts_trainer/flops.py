@@ -1,8 +1,9 @@
 """Analytic FLOPs of one training step of a vision-language model, dense and with STS sparsity.
 
 The model is vision tower -> projector -> decoder LLM -> LM head (a text-only causal LM is the same without the first
-two). The vision towers and projectors of the architectures in `architectures.ARCHITECTURES` are described below
-(`_VISION_TOWERS`, `_projector_matmuls`); the decoders are all llama-like (gated MLP, grouped-query attention).
+two). The shapes of the vision towers and projectors are facts of `architectures.py` (`VISION_TOWERS`, and each
+entry's `tokens_per_tile` and `projector_matmuls`); the decoders are all llama-like (gated MLP, grouped-query
+attention).
 Counting rules, chosen so the numbers match `torch.utils.flop_counter.FlopCounterMode`:
 
 - A matmul (m x k) @ (k x n) costs 2 * m * k * n FLOPs. Only matmuls are counted (the patch-embedding convolution is
@@ -35,13 +36,14 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from .architectures import ARCHITECTURES, CUSTOM_VLM, VISION_TOWERS, feature_layers, side_of
 from .layer_skip import skip_probability
 
 PARTS = ("vision", "projector", "llm_layers", "lm_head")
 
 
 class UncountableModelError(ValueError):
-    """The model has a part whose shape `flops.py` does not know (a vision tower not in `_VISION_TOWERS`)."""
+    """The model has a part whose shape `flops.py` does not know (a vision tower not in `VISION_TOWERS`)."""
 
 
 @dataclass(frozen=True)
@@ -103,66 +105,30 @@ def _attention(tokens: int, hidden: int, heads: int, kv_heads: int, head_dim: in
     return projections, scores
 
 
-# The vision towers sts_trainer counts, by `vision_config.model_type`. All are ViTs (patch embedding, then layers of
-# attention + MLP); they differ in a class token ('cls'), a gated MLP (gate, up, down: 'gated'), whether the image
-# size is fixed by the config or set by each image ('dynamic': Qwen2-VL, Pixtral), and how attention spans images:
-# Pixtral attends over all images of a batch as one sequence with a block-diagonal mask ('joint', so dense kernels
-# compute the full square over all of them), Qwen2.5-VL attends within windows except in its full-attention layers.
-_VISION_TOWERS = {
-    "clip_vision_model": dict(cls=True, gated=False, dynamic=False),
-    "siglip_vision_model": dict(cls=False, gated=False, dynamic=False),
-    "idefics3_vision": dict(cls=False, gated=False, dynamic=False),
-    "smolvlm_vision": dict(cls=False, gated=False, dynamic=False),
-    "internvl_vision": dict(cls=True, gated=False, dynamic=False),
-    "pixtral": dict(cls=False, gated=True, dynamic=True, joint=True),
-    "qwen2_vl_vision": dict(cls=False, gated=False, dynamic=True),
-    "qwen2_5_vl_vision": dict(cls=False, gated=True, dynamic=True),
-}
 # A dynamic-resolution model's image, for per-image counts (`visual_tokens_per_image`): 448 x 448 pixels.
 REFERENCE_IMAGE_SIZE = 448
 
 
 def _vision_config(config: PretrainedConfig) -> PretrainedConfig | None:
     vision = getattr(config, "vision_config", None)  # None: a text-only LLM
-    if vision is not None and vision.model_type not in _VISION_TOWERS:
+    if vision is not None and vision.model_type not in VISION_TOWERS:
         raise UncountableModelError(
             f"sts_trainer.flops does not know the vision tower {vision.model_type!r} of {config.model_type!r}; "
-            f"it knows {', '.join(sorted(_VISION_TOWERS))}. Add its shape to `_VISION_TOWERS` and `_tower`."
+            f"it knows {', '.join(sorted(VISION_TOWERS))}. Add its shape to `architectures.VISION_TOWERS`."
         )
     return vision
 
 
-def _feature_layers(config: PretrainedConfig) -> list[int]:
-    """The vision hidden states the projector reads: `vision_feature_layer` where the model has one, else the last."""
-    layer = getattr(config, "vision_feature_layer", -1)
-    return [layer] if isinstance(layer, int) else list(layer)
-
-
-def _side(value) -> int:
-    return value if isinstance(value, int) else value[0]  # InternVL writes sizes as [h, w]
-
-
 def _tower(config: PretrainedConfig) -> dict:
-    """Shape of the vision tower: width, heads, MLP width, layers, values per patch, patches merged per LLM token."""
+    """Shape of the vision tower (`architectures.VISION_TOWERS`): width, heads, MLP width, layers, patch side, values
+    per patch, patches merged per LLM token, and its kind (class token, gated MLP, dynamic, joint, windowed)."""
     vision = config.vision_config
-    facts = _VISION_TOWERS[vision.model_type]
-    if vision.model_type == "qwen2_vl_vision":
-        hidden, heads, layers = vision.embed_dim, vision.num_heads, vision.depth
-        mlp = vision.embed_dim * vision.mlp_ratio
-    elif vision.model_type == "qwen2_5_vl_vision":
-        hidden, heads, mlp, layers = vision.hidden_size, vision.num_heads, vision.intermediate_size, vision.depth
-    else:
-        hidden, heads = vision.hidden_size, vision.num_attention_heads
-        mlp, layers = vision.intermediate_size, vision.num_hidden_layers
-    patch = _side(vision.patch_size)
-    if vision.model_type in ("qwen2_vl_vision", "qwen2_5_vl_vision"):
-        # a patch spans 2 frames (an image is repeated in time); the merger joins m x m patches into one LLM token
-        values, merge = vision.in_channels * vision.temporal_patch_size * patch**2, vision.spatial_merge_size**2
-    elif vision.model_type == "pixtral":
-        values, merge = vision.num_channels * patch**2, config.spatial_merge_size**2  # merged in Mistral3's projector
-    else:
-        values, merge = vision.num_channels * patch**2, 1
-    return dict(facts, hidden=hidden, heads=heads, mlp=mlp, layers=layers, patch=patch, values=values, merge=merge)
+    tower = VISION_TOWERS[vision.model_type]
+    return dict(
+        cls=tower.cls, gated=tower.gated, dynamic=tower.dynamic, joint=tower.joint, windowed=tower.windowed,
+        hidden=getattr(vision, tower.hidden), heads=getattr(vision, tower.heads), layers=getattr(vision, tower.layers),
+        mlp=tower.mlp(vision), patch=side_of(vision.patch_size), values=tower.values(vision), merge=tower.merge(config),
+    )
 
 
 def dynamic_resolution(config: PretrainedConfig) -> bool:
@@ -173,7 +139,7 @@ def dynamic_resolution(config: PretrainedConfig) -> bool:
 def _patches_per_tile(config: PretrainedConfig) -> int:
     """Patches of one image (one tile) at the config's resolution; the reference image for a dynamic one."""
     vision, tower = config.vision_config, _tower(config)
-    size = REFERENCE_IMAGE_SIZE if tower["dynamic"] else _side(vision.image_size)
+    size = REFERENCE_IMAGE_SIZE if tower["dynamic"] else side_of(vision.image_size)
     return (size // tower["patch"]) ** 2
 
 
@@ -189,12 +155,9 @@ def visual_tokens_per_image(config: PretrainedConfig) -> int:
     if vision is None:
         return 0
     patches, tower = _patches_per_tile(config), _tower(config)
-    if config.model_type == "gemma3":
-        return config.mm_tokens_per_image
-    if config.model_type in ("idefics3", "smolvlm"):
-        return patches // config.scale_factor**2
-    if config.model_type == "internvl":
-        return int(patches * config.downsample_ratio**2)
+    architecture = ARCHITECTURES.get(config.model_type)
+    if architecture is not None and architecture.tokens_per_tile is not None:
+        return architecture.tokens_per_tile(config, patches)
     if tower["dynamic"]:
         return patches // tower["merge"]
     return patches + (tower["cls"] and getattr(config, "vision_feature_select_strategy", None) == "full")
@@ -210,7 +173,7 @@ def _vision_cost(config: PretrainedConfig, images: int, tokens_per_image: int) -
     P is fixed by the config, times the tiles an image has (LLaVA-NeXT anyres: round(tokens / tokens per tile)), or
     for a dynamic-resolution tower follows the image: P = tokens * (patches merged per token). Layers above the deepest
     `vision_feature_layer` are forward only. Qwen2.5-VL's windowed layers attend within windows of
-    (window_size / patch_size)^2 patches; Pixtral's scores span all images of the batch (see `_VISION_TOWERS`).
+    (window_size / patch_size)^2 patches; Pixtral's scores span all images of the batch (`VisionTower.joint`).
     """
     tower = _tower(config)
     hidden, heads = tower["hidden"], tower["heads"]
@@ -222,18 +185,18 @@ def _vision_cost(config: PretrainedConfig, images: int, tokens_per_image: int) -
     tokens = patches + tower["cls"]
     projections, scores = _attention(tokens, hidden, heads, heads, hidden // heads)
     layer_weight = (projections + (2 + tower["gated"]) * _matmul(tokens, hidden, tower["mlp"])) * images
-    if tower.get("joint"):
+    if tower["joint"]:
         scores *= images  # one block-diagonal sequence of all images: (images * S_v)^2
     num_layers = tower["layers"]
     full_layers = num_layers
     window_scores = scores
-    if config.vision_config.model_type == "qwen2_5_vl_vision":
+    if tower["windowed"]:
         full_layers = len(config.vision_config.fullatt_block_indexes)
         window = min(tokens, (config.vision_config.window_size // tower["patch"]) ** 2)
         window_scores = scores * window / tokens
     patch_embedding = _matmul(patches, tower["values"], hidden) * images
     # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i: layers 1..i reach the loss.
-    used = max(layer % (num_layers + 1) for layer in _feature_layers(config))
+    used = max(layer % (num_layers + 1) for layer in feature_layers(config))
     score = (full_layers * scores + (num_layers - full_layers) * window_scores) * images
     used_score = score * used / num_layers  # windowed and full layers are interleaved: spread evenly
     return _PartCost(
@@ -245,31 +208,19 @@ def _vision_cost(config: PretrainedConfig, images: int, tokens_per_image: int) -
 
 
 def _projector_matmuls(config: PretrainedConfig) -> list[tuple[int, int]]:
-    """(in, out) widths of the projector's matmuls, in order, per visual token of the LLM (h_v: vision width, h: LLM
-    width, n_f: feature layers concatenated, s / m: tokens merged per side):
+    """(in, out) widths of the projector's matmuls, in order, per visual token of the LLM: the architecture's
+    `projector_matmuls` (`architectures.ARCHITECTURES`; LLaVA's linear_1 and linear_2 by default), e.g.
 
         LLaVA family: linear_1 (h_v n_f -> h), linear_2 (h -> h)      PaliGemma: (h_v -> projection_dim)
         Gemma3 (after average pooling): (h_v -> h)                    Idefics3 / SmolVLM (pixel shuffle): (h_v s^2 -> h)
         InternVL (pixel shuffle by r): (h_v / r^2 -> h), (h -> h)
         Mistral3: patch merger (h_v m^2 -> h_v), linear_1 (h_v -> h), linear_2 (h -> h)
         Qwen2-VL / Qwen2.5-VL merger: (h_v m^2 -> h_v m^2), (h_v m^2 -> h)
+
+    (h_v: vision width, h: LLM width, n_f: feature layers concatenated, s / m: tokens merged per side)
     """
-    vision, hidden = _tower(config)["hidden"], config.get_text_config().hidden_size
-    model_type = config.model_type
-    if model_type == "paligemma":
-        return [(vision, config.projection_dim)]
-    if model_type == "gemma3":
-        return [(vision, hidden)]
-    if model_type in ("idefics3", "smolvlm"):
-        return [(vision * config.scale_factor**2, hidden)]
-    if model_type == "internvl":
-        return [(int(vision / config.downsample_ratio**2), hidden), (hidden, hidden)]
-    if model_type == "mistral3":
-        return [(vision * config.spatial_merge_size**2, vision), (vision, hidden), (hidden, hidden)]
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        merged = vision * config.vision_config.spatial_merge_size**2
-        return [(merged, merged), (merged, hidden)]
-    return [(vision * len(_feature_layers(config)), hidden), (hidden, hidden)]  # LLaVA family
+    architecture = ARCHITECTURES.get(config.model_type, CUSTOM_VLM)
+    return architecture.projector_matmuls(config, _tower(config)["hidden"], config.get_text_config().hidden_size)
 
 
 def _projector_cost(config: PretrainedConfig, tokens: int) -> _PartCost:

@@ -25,7 +25,7 @@ class SparsityPlan:
         parts = [f"stage={self.stage}"]
         if self.vtc:
             # M-RoPE models always keep the full sequence's positions (see architectures.py)
-            positions = "original (M-RoPE)" if self.parts.facts["rope_index"] else args.vtc_position_ids
+            positions = "original (M-RoPE)" if self.parts.facts.rope_index else args.vtc_position_ids
             parts.append(
                 f"VTC on (keep_ratio={args.vtc_keep_ratio}, strategy={args.vtc_strategy}, position_ids={positions})"
             )

@@ -11,8 +11,7 @@ mask, stay packed: each sequence is shortened on its own and no attention mask i
 transformers' detection of the packed sequences, see `find_packed_sequence_indices` in `transformers.masking_utils`).
 
 What differs between architectures (which inputs feed the vision path, newline tokens, tiles, M-RoPE positions) is
-data in `architectures.ARCHITECTURES`; `TokenCompressor` reads it. Where each image's token grid comes from is
-`image_grids` here.
+data in `architectures.ARCHITECTURES`, each image's token grid included; `TokenCompressor` reads it.
 """
 
 import contextlib
@@ -27,7 +26,7 @@ from jinja2 import TemplateError
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .architectures import get_path, vtc_facts
+from .architectures import ARCHITECTURES, CUSTOM_VLM, get_path, vtc_facts
 from .layer_skip import decision_generator
 
 VTC_STREAM = 1  # the random strategy's stream of `decision_generator` (LDS's decisions use stream 0)
@@ -40,46 +39,12 @@ TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 _ROPE_INPUTS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
 
-def _patches_per_side(config) -> int:
-    return config.vision_config.image_size // config.vision_config.patch_size
-
-
-# The side of the square token grid of one image (or tile) of the fixed-resolution models, from their config.
-# Models not listed here and not in `image_grids` (LLaVA-NeXT / OneVision: a base tile plus an unpadded grid of
-# tiles, no single grid) have no known grid: `uniform` spaces their tokens evenly in raster order.
-_SQUARE_GRID_SIDE = {
-    "llava": _patches_per_side,
-    "paligemma": _patches_per_side,
-    "gemma3": lambda config: math.isqrt(config.mm_tokens_per_image),  # pooled to mm_tokens_per_image
-    "internvl": lambda config: math.isqrt(config.image_seq_length),  # after the pixel shuffle
-    "idefics3": lambda config: _patches_per_side(config) // config.scale_factor,  # after the pixel shuffle
-    "smolvlm": lambda config: _patches_per_side(config) // config.scale_factor,
-}
-
-
 def image_grids(config, vision_inputs: dict, sizes: list[int]) -> list[tuple[int, int] | None]:
-    """The grid (rows, cols) of language-model tokens of each image (or tile) of a batch, in batch order; None for an
-    image whose `sizes[i]` tokens are not a known grid.
-
-    - Qwen2-VL / Qwen2.5-VL: `image_grid_thw` (t, h, w) counts vision patches; the merger joins
-      `vision_config.spatial_merge_size`^2 of them into one token, in raster order: (t * h / merge, w / merge)
-      (t is 1 for an image);
-    - Mistral3: `image_sizes` (h, w) in pixels; Pixtral patches of `vision_config.patch_size`, merged by
-      `spatial_merge_size`: (h // (patch * merge), w // (patch * merge)), as `Mistral3Model.get_image_features`;
-    - fixed resolution (`_SQUARE_GRID_SIDE`): a square of the config's side, when the image has that many tokens.
-    """
-    model_type = getattr(config, "model_type", None)
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        merge = config.vision_config.spatial_merge_size
-        grids = [(t * (h // merge), w // merge) for t, h, w in vision_inputs["image_grid_thw"].tolist()]
-    elif model_type == "mistral3":
-        ratio = config.vision_config.patch_size * config.spatial_merge_size
-        grids = [(h // ratio, w // ratio) for h, w in torch.as_tensor(vision_inputs["image_sizes"]).tolist()]
-    elif model_type in _SQUARE_GRID_SIDE:
-        side = _SQUARE_GRID_SIDE[model_type](config)
-        grids = [(side, side)] * len(sizes)
-    else:
-        grids = [None] * len(sizes)
+    """The grid (rows, cols) of language-model tokens of each image (or tile) of a batch, in batch order, from the
+    architecture's `token_grids` (see `architectures.Architecture`); None for an image whose `sizes[i]` tokens are
+    not that grid, or where the architecture has none: `uniform` spaces those in raster order."""
+    token_grids = ARCHITECTURES.get(getattr(config, "model_type", None), CUSTOM_VLM).token_grids
+    grids = token_grids(config, vision_inputs, len(sizes)) if token_grids is not None else [None] * len(sizes)
     return [grid if grid is not None and grid[0] * grid[1] == n else None for grid, n in zip(grids, sizes)]
 
 
@@ -558,17 +523,17 @@ class TokenCompressor:
         facts = self.facts
         kwargs = dict(kwargs)
         position_mode = self.position_mode
-        if facts["rope_index"] is not None:
+        if facts.rope_index is not None:
             # M-RoPE: positions of the FULL sequence from the model's own function; kept tokens keep theirs.
             if kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = self._rope_positions(module, kwargs)  # (3, B, L)
             position_mode = "original"
-        vision_inputs = {key: kwargs.pop(key) for key in facts["image_inputs"] if key in kwargs}
+        vision_inputs = {key: kwargs.pop(key) for key in facts.image_inputs if key in kwargs}
         features = self._image_features(module, {k: v for k, v in vision_inputs.items() if v is not None})
         keep_always = None
-        if facts["newline"] is not None:
+        if facts.newline is not None:
             # The newline rows of the features are copies of this embedding: always kept.
-            newline = get_path(module, facts["newline"]).detach()  # (D,)
+            newline = get_path(module, facts.newline).detach()  # (D,)
             keep_always = [(f.detach() == newline.to(f.dtype)).all(-1) for f in features]  # (n_i,) each
         config = getattr(module, "config", None)
         pad_token_id = (config.get_text_config().pad_token_id if config is not None else None) or 0
@@ -586,19 +551,19 @@ class TokenCompressor:
             generator=self.generator,
             pad_token_id=pad_token_id,
             keep_always=keep_always,
-            first_position=facts["first_position"],
+            first_position=facts.first_position,
             grids=grids,
             query_ignore_ids=self.query_ignore_ids,
         )
         kept = kwargs.pop("mm_encoder_outputs")["image"].pooler_output  # list of (k_i, D)
-        if facts["route"] == "inputs_embeds":
+        if facts.route == "inputs_embeds":
             # The model gets the embedded sequence with the kept features written over the image placeholders.
             input_ids = kwargs.pop("input_ids")  # (B, L')
             is_image = input_ids == self.image_token_id
             embeds = module.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, L', D)
             kept = torch.cat(kept).to(embeds.device, embeds.dtype)  # (sum k_i, D)
             kwargs["inputs_embeds"] = embeds.masked_scatter(is_image[..., None], kept)
-        elif facts["features"] == "tensor":
+        elif facts.features == "tensor":
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(kept)[None])}
         else:
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept)}
@@ -607,15 +572,15 @@ class TokenCompressor:
 
     def _image_features(self, module, vision_inputs: dict) -> list[torch.Tensor]:
         """Projected features of every image (or tile) of the batch, in batch order: a list of (n_i, D)."""
-        if self.facts["route"] == "inputs_embeds":
+        if self.facts.route == "inputs_embeds":
             features = module.get_image_features(**vision_inputs)  # the custom-model contract
             if isinstance(features, ModelOutput):
                 features = features.pooler_output
         else:
             features = module.get_image_features(**vision_inputs, return_dict=True).pooler_output
-        if self.facts["tile_tokens"] is not None:
+        if self.facts.tile_tokens is not None:
             # one (tiles * t, D) tensor per sample: compress each tile of t tokens as an image
-            tokens = get_path(module, self.facts["tile_tokens"])
+            tokens = get_path(module, self.facts.tile_tokens)
             features = [tile for sample in features for tile in sample.split(tokens) if len(tile)]
         return list(features)
 
@@ -626,7 +591,7 @@ class TokenCompressor:
                 f"VTC on {type(module).__name__} computes the M-RoPE positions of the full sequence and needs "
                 "`mm_token_type_ids` in the batch (the model's processor returns it: 1 on image tokens, 0 on text)."
             )
-        rope_index = get_path(module, self.facts["rope_index"])
+        rope_index = get_path(module, self.facts.rope_index)
         inputs = {key: kwargs[key] for key in _ROPE_INPUTS if kwargs.get(key) is not None}
         position_ids, _ = rope_index(kwargs["input_ids"], attention_mask=kwargs.get("attention_mask"), **inputs)
         return position_ids

@@ -413,7 +413,7 @@ def assert_same_weights(a, b):
 
 
 def test_every_mapped_vision_language_architecture_is_tested_here():
-    mapped = {name for name, facts in ARCHITECTURES.items() if facts["projector"] is not None}
+    mapped = {name for name, facts in ARCHITECTURES.items() if facts.projector is not None}
     assert mapped == set(ARCHS)
 
 
@@ -856,7 +856,7 @@ TEXT_LMS = {
 
 
 def test_every_mapped_text_lm_is_tested_here():
-    assert {name for name, facts in ARCHITECTURES.items() if facts["projector"] is None} == set(TEXT_LMS)
+    assert {name for name, facts in ARCHITECTURES.items() if facts.projector is None} == set(TEXT_LMS)
 
 
 @pytest.mark.parametrize("model_type", sorted(TEXT_LMS))
@@ -1062,3 +1062,25 @@ def test_flops_model_matches_the_pytorch_counter(model_type, trains):
                         train_projector=True, train_llm=trains == "all")
     # norms, activations, pooling and rotary embeddings are not modelled: within 3%
     assert step_flops(model.config, step)["total"] == pytest.approx(counter.get_total_flops(), rel=0.03)
+
+
+def test_a_new_model_type_is_one_entry(monkeypatch):
+    """Everything per-architecture (parts, how images go in, token grids, FLOPs shapes) comes from its entry."""
+    from sts_trainer.token_compression import image_grids
+
+    class RenamedLlavaConfig(LlavaConfig):
+        model_type = "renamed_llava"
+
+    config = RenamedLlavaConfig(**{**_llava_config().to_dict(), "model_type": "renamed_llava"})
+    model = AutoModelForImageTextToText.from_config(_llava_config())
+    model.config = config
+    with pytest.raises(ValueError, match="does not know the architecture 'renamed_llava'"):
+        find_parts(model)
+    assert image_grids(config, {}, [16]) == [None]  # no entry: no known grid
+    monkeypatch.setitem(ARCHITECTURES, "renamed_llava", ARCHITECTURES["llava"])
+    parts = find_parts(model)
+    assert parts.projector is model.model.multi_modal_projector and parts.image_token_id == IMAGE
+    assert image_grids(config, {}, [16, 17]) == [(4, 4), None]
+    assert visual_tokens_per_image(config) == 16
+    step = TrainingStep(2, 10, 1, 16, train_projector=True)
+    assert step_flops(config, step) == step_flops(_llava_config(), step)
