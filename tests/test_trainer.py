@@ -21,7 +21,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from sts_trainer import STSTrainer, plan_sparsity
+from sts_trainer import STSMixin, STSTrainer, plan_sparsity
 from sts_trainer.lab.tiny import collate, freeze_for_alignment, tiny_llava, tiny_llava_config
 from sts_trainer.layer_skip import _SkippableLayer
 from sts_trainer.savings import STATE_FILE
@@ -428,3 +428,28 @@ def test_predict_and_evaluate_with_metrics_on_tiny_llava(out_dir):
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     assert logits.shape[0] == 5 and logits.shape[-1] == tiny_llava_config().text_config.vocab_size
     assert "eval_token_accuracy" in metrics and "test_token_accuracy" in output.metrics and len(seen) == 3
+
+
+def test_the_mixin_over_a_users_own_trainer_subclass(out_dir):
+    """A user's Trainer subclass keeps its own overrides under the mixin, and STS runs inside them."""
+    seen = []
+
+    class OwnTrainer(Trainer):  # e.g. LLaVA's LLaVATrainer: its own loss bookkeeping and optimizer
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append(inputs["input_ids"].shape[0])
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class STSOwnTrainer(STSMixin, OwnTrainer):
+        pass
+
+    model = tiny_llava()
+    calls = [0] * 4
+    for i, layer in enumerate(model.model.language_model.layers):
+        layer.register_forward_pre_hook(lambda m, a, _i=i: calls.__setitem__(_i, calls[_i] + m.training))
+    args = plain_training_args(out_dir, max_steps=2)  # a plain TrainingArguments, upgraded
+    trainer = STSOwnTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=collate)
+    assert trainer.args.sts_stage == "auto"
+    trainer.args.lds_alpha, trainer.args.lds_epsilon, trainer.args.lds_schedule = 1.0, 1.0, "constant"
+    trainer.train()
+    assert seen == [4, 4]  # the user's override ran, around STS's forward
+    assert trainer.sts_plan.lds and calls[0] == 2 and calls[2] == calls[3] == 0
