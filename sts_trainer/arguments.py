@@ -159,8 +159,8 @@ class STSTrainingArguments(TrainingArguments):
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> "STSTrainingArguments":
-        """A copy of `args` (a `TrainingArguments`, or another class `cls` derives from) as a `cls`, with every field
-        `args` lacks (the STS options) at its default.
+        """A copy of `args` (a `TrainingArguments`, of any subclass) as a `cls`, with every field of `cls` that `args`
+        lacks (the STS options) at its default; the values `args` has, its own extra fields included, are kept.
 
         The copy keeps the already-processed values of `args` (its `__post_init__` is not run a second time, which
         would e.g. re-read a DeepSpeed config).

@@ -45,8 +45,8 @@ class STSMixin:
     """All of STS, for a class that also derives from `transformers.Trainer` (placed after this mixin).
 
     `sts_args_class` is the arguments class the trainer expects: `STSTrainingArguments`, or one built on it and the
-    trainer's own (`sts_trainer.sft.STSSFTConfig` for TRL's `SFTConfig`). Arguments of a class it derives from are
-    upgraded to it with every STS option at its default; others are refused with the class to write.
+    trainer's own (`sts_trainer.sft.STSSFTConfig` for TRL's `SFTConfig`). Other arguments are upgraded to it: a
+    copy with every STS option at its default, the fields it already has kept.
     """
 
     sts_args_class: type = STSTrainingArguments
@@ -84,13 +84,9 @@ class STSMixin:
             return cls(output_dir="tmp_trainer")
         if isinstance(args, cls):
             return args
-        if type(args) in cls.__mro__:
-            return cls.from_training_arguments(args)
-        raise TypeError(
-            f"{type(self).__name__} takes {cls.__name__} (or a class it derives from); got {type(args).__name__}. "
-            f"Define `@dataclass class MyArguments({type(args).__name__}, STSTrainingArguments)` and set "
-            f"`sts_args_class = MyArguments` on the trainer."
-        )
+        # A copy as `cls` with the STS options at their defaults; fields of the user's own arguments class (LLaVA's
+        # TrainingArguments subclass adds some) stay on the copy as attributes.
+        return cls.from_training_arguments(args)
 
     # ---- installing the components for the run ---------------------------------------------------------------------
 

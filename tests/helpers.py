@@ -4,7 +4,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sts_trainer import STSTrainer, STSTrainingArguments
+from sts_trainer.architectures import find_parts
 from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
+from sts_trainer.token_compression import TokenCompressor
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -64,6 +66,38 @@ def train(model, args, dataset=None, trainer_cls=STSTrainer, padding_side="right
     )
     trainer.train()
     return trainer, recorder
+
+
+def for_alignment(model):
+    """Stage-1 trainability of any supported model: only the projector trains."""
+    projector = find_parts(model).projector
+    for param in model.parameters():
+        param.requires_grad = False
+    for param in projector.parameters():
+        param.requires_grad = True
+    return model
+
+
+class Received:
+    """The model inputs as VTC rewrote them: a pre-hook registered after the compressor's, on the same module; the
+    compressor is on (one open micro-batch) until `remove()`."""
+
+    def __init__(self, model, ratio, strategy="uniform", position_mode="compact", **compressor_kwargs):
+        image_token_id = find_parts(model).image_token_id
+        self.compressor = TokenCompressor(image_token_id, ratio, strategy, position_mode, **compressor_kwargs)
+        self.compressor.install(model)
+        self.batch = self.compressor.micro_batch(step=0)
+        self.record = self.batch.__enter__()
+        self.kwargs = None
+        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        self.kwargs = kwargs
+
+    def remove(self):
+        self.batch.__exit__(None, None, None)
+        self.compressor.remove()
+        self.handle.remove()
 
 
 def plain_training_args(out_dir, **overrides):

@@ -51,9 +51,9 @@ from sts_trainer import STSTrainer, STSTrainingArguments
 from sts_trainer.architectures import ARCHITECTURES, find_parts
 from sts_trainer.flops import TrainingStep, step_flops, visual_tokens_per_image
 from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer
-from sts_trainer.token_compression import TokenCompressor, num_kept, uniform_indices
+from sts_trainer.token_compression import num_kept, uniform_indices
 
-from .helpers import ListDataset, LossRecorder, training_args
+from .helpers import ListDataset, LossRecorder, Received, for_alignment, training_args
 
 VOCAB, IMAGE, START, END, PAD = 128, 127, 125, 124, 0
 KEEP = 0.25
@@ -356,16 +356,6 @@ def args_for(out_dir, cls=STSTrainingArguments, **overrides):
     return training_args(out_dir, cls=cls, max_steps=2, remove_unused_columns=False, **overrides)
 
 
-def for_alignment(model):
-    """Stage-1 trainability: only the projector trains."""
-    projector = find_parts(model).projector
-    for param in model.parameters():
-        param.requires_grad = False
-    for param in projector.parameters():
-        param.requires_grad = True
-    return model
-
-
 class InputProbe:
     """In training forwards: the real length of each row the language model embeds, and the sequence length entering
     the first decoder layer."""
@@ -498,27 +488,6 @@ def test_predict_and_evaluate_with_metrics_after_sts_training(model_type, out_di
 # ---- what the language model receives: positions, per-token types, newline tokens ------------------------------------
 
 
-class Received:
-    """The model inputs as VTC rewrote them: a pre-hook registered after the compressor's, on the same module."""
-
-    def __init__(self, model, ratio=KEEP, position_mode="compact"):
-        parts = find_parts(model)
-        self.compressor = TokenCompressor(parts.image_token_id, ratio, "uniform", position_mode)
-        self.compressor.install(model)
-        self.batch = self.compressor.micro_batch(step=0)
-        self.record = self.batch.__enter__()  # on until remove()
-        self.kwargs = None
-        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module, args, kwargs):
-        self.kwargs = kwargs
-
-    def remove(self):
-        self.batch.__exit__(None, None, None)
-        self.compressor.remove()
-        self.handle.remove()
-
-
 def kept_positions(input_ids: torch.Tensor, ratio=KEEP, grids=()) -> torch.Tensor:
     """Indices of a (right-padded) row that uniform VTC keeps: every real token but the dropped image placeholders;
     each run of placeholders is one image (images are delimited by START / END)."""
@@ -545,7 +514,7 @@ def test_mrope_positions_are_the_full_sequences_at_the_kept_tokens(model_type):
         batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
         attention_mask=batch["attention_mask"],
     )  # (3, B, L): computed on the full sequence by the model's own function
-    received = Received(model, position_mode="compact")  # M-RoPE models keep the original positions regardless
+    received = Received(model, KEEP, position_mode="compact")  # M-RoPE models keep the original positions regardless
     model(**batch)
     received.remove()
     positions = received.kwargs["position_ids"]  # (3, B, L')
@@ -562,7 +531,7 @@ def test_paligemma_original_positions_count_from_one():
     arch = ARCHS["paligemma"]
     model = arch.model()
     batch = arch.collate(arch.samples(4))
-    received = Received(model, position_mode="original")
+    received = Received(model, KEEP, position_mode="original")
     model(**batch)
     received.remove()
     for row in range(4):
@@ -575,7 +544,7 @@ def test_token_type_ids_are_shortened_with_the_sequence(model_type):
     arch = ARCHS[model_type]
     model = arch.model()
     batch = arch.collate(arch.samples(4))
-    received = Received(model)
+    received = Received(model, KEEP)
     model(**batch)
     received.remove()
     kwargs = received.kwargs
@@ -591,7 +560,7 @@ def test_vtc_refuses_what_it_cannot_compress_faithfully():
     arch = ARCHS["qwen2_vl"]
     model = arch.model()
     batch = arch.collate(arch.samples(2))
-    received = Received(model)
+    received = Received(model, KEEP)
     with pytest.raises(ValueError, match=r"video inputs \(pixel_values_videos, video_grid_thw\)"):
         model(**batch, pixel_values_videos=torch.zeros(4, 96), video_grid_thw=torch.tensor([[1, 2, 2]]))
     del batch["mm_token_type_ids"]
@@ -606,7 +575,7 @@ def test_newline_tokens_are_kept_and_the_rest_compressed(model_type):
     model = arch.model()
     samples = arch.samples(4)
     images = [image for s in samples for image in s["images"]]
-    received = Received(model)
+    received = Received(model, KEEP)
     model(**arch.collate(samples))
     received.remove()
     kept = received.kwargs["mm_encoder_outputs"]["image"].pooler_output

@@ -1,6 +1,8 @@
 """STS over TRL's `SFTTrainer` (`sts_trainer.sft`), on a tiny LLaVA and a tiny Qwen2-VL fed by TRL's own
 vision-language collator: alignment with VTC, instruction tuning with LDS, sparsity off equal to `SFTTrainer`."""
 
+from dataclasses import dataclass
+
 import datasets
 import pytest
 import torch
@@ -16,7 +18,7 @@ from sts_trainer.lab import synthetic
 from sts_trainer.sft import STSSFTConfig, STSSFTTrainer
 from sts_trainer.token_compression import num_kept
 
-from .helpers import LossRecorder
+from .helpers import LossRecorder, for_alignment
 
 QWEN_SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
                 "<|video_pad|>"]
@@ -91,15 +93,6 @@ def conversations(model_type, n=8, seed=0):
             ],
         })
     return datasets.Dataset.from_list(rows)
-
-
-def for_alignment(model):
-    projector = find_parts(model).projector
-    for param in model.parameters():
-        param.requires_grad = False
-    for param in projector.parameters():
-        param.requires_grad = True
-    return model
 
 
 def run(trainer_cls, config_cls, model, processor, dataset, out_dir, **options):
@@ -184,15 +177,17 @@ def test_sparsity_off_trains_exactly_like_sft_trainer(model_type, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain_model.state_dict().values(), sts_model.state_dict().values()))
 
 
-def test_a_plain_sft_config_is_upgraded_and_a_foreign_one_refused(out_dir):
+def test_a_plain_sft_config_or_a_subclass_of_it_is_upgraded(out_dir):
     model, processor = llava_and_processor()
-    args = SFTConfig(output_dir=out_dir, max_steps=1, report_to=[], use_cpu=True, activation_checkpointing=False)
+    args = SFTConfig(output_dir=out_dir, max_steps=1, report_to=[], use_cpu=True, activation_checkpointing=False,
+                     max_length=77)
     trainer = STSSFTTrainer(model=model, args=args, train_dataset=conversations("llava", 4), processing_class=processor)
-    assert isinstance(trainer.args, STSSFTConfig) and trainer.args.sts_stage == "auto"
+    assert isinstance(trainer.args, STSSFTConfig) and trainer.args.sts_stage == "auto" and trainer.args.max_length == 77
 
-    class OtherConfig(SFTConfig):
-        pass
+    @dataclass
+    class OtherConfig(SFTConfig):  # a user's own config, with a field of its own
+        projector_lr: float = 0.1
 
-    with pytest.raises(TypeError, match="takes STSSFTConfig.*got OtherConfig.*OtherConfig, STSTrainingArguments"):
-        STSSFTTrainer(model=model, args=OtherConfig(output_dir=out_dir, report_to=[], use_cpu=True),
-                      train_dataset=conversations("llava", 4), processing_class=processor)
+    args = OtherConfig(output_dir=out_dir, report_to=[], use_cpu=True, activation_checkpointing=False)
+    trainer = STSSFTTrainer(model=model, args=args, train_dataset=conversations("llava", 4), processing_class=processor)
+    assert isinstance(trainer.args, STSSFTConfig) and trainer.args.projector_lr == 0.1

@@ -36,7 +36,7 @@ from sts_trainer.token_compression import (
     uniform_indices,
 )
 
-from .helpers import ListDataset, train, training_args
+from .helpers import ListDataset, Received, train, training_args
 
 TOKENS_PER_IMAGE = 16  # tiny_llava_config(): 32 px images, 8 px patches
 QWEN_START, QWEN_END = 125, 124  # vision start / end tokens of the tiny Qwen2-VL
@@ -51,26 +51,6 @@ def tiny_qwen2_vl_config() -> Qwen2VLConfig:
                   temporal_patch_size=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, video_token_id=126,
                          vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
-
-
-class Received:
-    """The model inputs as VTC rewrote them: a pre-hook registered after the compressor's, on the same module."""
-
-    def __init__(self, model, ratio, strategy, position_mode="compact", **compressor_kwargs):
-        self.compressor = TokenCompressor(IMAGE_TOKEN_ID, ratio, strategy, position_mode, **compressor_kwargs)
-        self.compressor.install(model)
-        self.batch = self.compressor.micro_batch(step=0)
-        self.record = self.batch.__enter__()  # on until remove()
-        self.kwargs = None
-        self.handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module, args, kwargs):
-        self.kwargs = kwargs
-
-    def remove(self):
-        self.batch.__exit__(None, None, None)
-        self.compressor.remove()
-        self.handle.remove()
 
 
 def test_num_kept_rounds_half_up_and_keeps_at_least_one():

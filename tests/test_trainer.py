@@ -1,4 +1,5 @@
 import copy
+from dataclasses import dataclass
 import json
 import os
 
@@ -19,6 +20,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     Trainer,
     TrainerCallback,
+    TrainingArguments,
 )
 
 from sts_trainer import STSMixin, STSTrainer, plan_sparsity
@@ -446,9 +448,13 @@ def test_the_mixin_over_a_users_own_trainer_subclass(out_dir):
     calls = [0] * 4
     for i, layer in enumerate(model.model.language_model.layers):
         layer.register_forward_pre_hook(lambda m, a, _i=i: calls.__setitem__(_i, calls[_i] + m.training))
-    args = plain_training_args(out_dir, max_steps=2)  # a plain TrainingArguments, upgraded
+    @dataclass
+    class OwnArguments(TrainingArguments):  # LLaVA's train.py has one, with fields of its own
+        mm_projector_lr: float | None = None
+
+    args = training_args(out_dir, cls=OwnArguments, max_steps=2, mm_projector_lr=0.5)
     trainer = STSOwnTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=collate)
-    assert trainer.args.sts_stage == "auto"
+    assert trainer.args.sts_stage == "auto" and trainer.args.mm_projector_lr == 0.5  # upgraded, its own field kept
     trainer.args.lds_alpha, trainer.args.lds_epsilon, trainer.args.lds_schedule = 1.0, 1.0, "constant"
     trainer.train()
     assert seen == [4, 4]  # the user's override ran, around STS's forward
