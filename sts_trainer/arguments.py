@@ -155,7 +155,7 @@ class STSTrainingArguments(TrainingArguments):
 
     def sts_options(self) -> dict:
         """The STS options (the fields this class adds to `TrainingArguments`) and their values."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TRAINING_ARGUMENT_NAMES}
+        return {name: getattr(self, name) for name in STS_OPTION_NAMES}
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> "STSTrainingArguments":
@@ -172,3 +172,7 @@ class STSTrainingArguments(TrainingArguments):
                 setattr(upgraded, f.name, f.default_factory() if f.default is MISSING else f.default)
         upgraded.validate_sts()
         return upgraded
+
+
+# The fields STSTrainingArguments adds to TrainingArguments, in their order.
+STS_OPTION_NAMES = tuple(f.name for f in fields(STSTrainingArguments) if f.name not in _TRAINING_ARGUMENT_NAMES)

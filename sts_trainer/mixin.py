@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from dataclasses import fields
 
 import torch
 from safetensors import safe_open
@@ -25,7 +26,7 @@ from transformers.core_model_loading import WeightRenaming, apply_renamings
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from .arguments import STSTrainingArguments
+from .arguments import STS_OPTION_NAMES, STSTrainingArguments
 from .callbacks import SavingsReportCallback
 from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, SkipRecord
@@ -84,6 +85,10 @@ class STSMixin:
             return cls(output_dir="tmp_trainer")
         if isinstance(args, cls):
             return args
+        if any(f.name not in args.__dict__ and f.name not in STS_OPTION_NAMES for f in fields(cls)):
+            # `cls` has fields of its own that `args` lacks (an SFTConfig's, for a plain TrainingArguments): built
+            # anew so its __post_init__ processes them, as TRL rebuilds a TrainingArguments into an SFTConfig.
+            return cls(**{**args.to_dict(), "hub_token": args.hub_token})
         # A copy as `cls` with the STS options at their defaults; fields of the user's own arguments class (LLaVA's
         # TrainingArguments subclass adds some) stay on the copy as attributes.
         return cls.from_training_arguments(args)

@@ -7,7 +7,13 @@ import datasets
 import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+    TrainingArguments,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 from trl import SFTConfig, SFTTrainer
@@ -183,6 +189,12 @@ def test_a_plain_sft_config_or_a_subclass_of_it_is_upgraded(out_dir):
                      max_length=77)
     trainer = STSSFTTrainer(model=model, args=args, train_dataset=conversations("llava", 4), processing_class=processor)
     assert isinstance(trainer.args, STSSFTConfig) and trainer.args.sts_stage == "auto" and trainer.args.max_length == 77
+
+    # a plain TrainingArguments: SFTConfig's own fields are processed as SFTTrainer would (pad_to_multiple_of 'auto')
+    plain = TrainingArguments(output_dir=out_dir, report_to=[], use_cpu=True, learning_rate=0.25)
+    trainer = STSSFTTrainer(model=model, args=plain, train_dataset=conversations("llava", 4), processing_class=processor)
+    assert isinstance(trainer.args, STSSFTConfig) and trainer.args.pad_to_multiple_of is None
+    assert trainer.args.learning_rate == 0.25
 
     @dataclass
     class OtherConfig(SFTConfig):  # a user's own config, with a field of its own
