@@ -169,7 +169,7 @@ class STSMixin:
         """Trainer's micro-batches; under VTC, image placeholders carry no loss label (TRL's vision collator labels
         them), so `num_items_in_batch`, counted here, agrees with what the shortened sequence can be trained on."""
         batches, num_items = super().get_batch_samples(*args, **kwargs)
-        if "vtc" in self._components and any(self._unlabel_placeholders(batch) for batch in batches):
+        if "vtc" in self._components and any([self._unlabel_placeholders(batch) for batch in batches]):  # every one
             num_items = self._get_num_items_in_batch(batches, self.args.device)
         return batches, num_items
 

@@ -459,3 +459,27 @@ def test_the_mixin_over_a_users_own_trainer_subclass(out_dir):
     trainer.train()
     assert seen == [4, 4]  # the user's override ran, around STS's forward
     assert trainer.sts_plan.lds and calls[0] == 2 and calls[2] == calls[3] == 0
+
+
+def test_under_vtc_labels_on_image_placeholders_are_cleared_in_every_micro_batch(out_dir):
+    """TRL-style batches label every token; with gradient accumulation each micro-batch is cleared before counting."""
+
+    def label_everything(samples):
+        batch = collate(samples)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+    counts = []
+
+    class Counting(STSTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            counts.append((int((inputs["labels"][:, 1:] != -100).sum()), int(num_items_in_batch)))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    model = freeze_for_alignment(tiny_llava())
+    args = training_args(out_dir, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    trainer = Counting(model=model, args=args, train_dataset=tiny_dataset(), data_collator=label_everything)
+    trainer.train()  # a labelled placeholder reaching VTC would raise
+    assert trainer.sts_plan.vtc and len(counts) == 4
+    # num_items_in_batch: the labels left on the two micro-batches of each step, image placeholders excluded
+    assert [n for _, n in counts] == [counts[0][0] + counts[1][0]] * 2 + [counts[2][0] + counts[3][0]] * 2
