@@ -203,3 +203,24 @@ def test_a_plain_sft_config_or_a_subclass_of_it_is_upgraded(out_dir):
     args = OtherConfig(output_dir=out_dir, report_to=[], use_cpu=True, activation_checkpointing=False)
     trainer = STSSFTTrainer(model=model, args=args, train_dataset=conversations("llava", 4), processing_class=processor)
     assert isinstance(trainer.args, STSSFTConfig) and trainer.args.projector_lr == 0.1
+
+
+def test_lds_with_trls_own_peft_config(out_dir):
+    """LoRA through SFTTrainer's `peft_config` (TRL wraps the model itself): the stage is instruction (adapters in the
+    decoder layers train), layers of probability 1 never run, and the FLOPs count the adapters, not the base weights."""
+    from peft import LoraConfig
+
+    model, processor = llava_and_processor()
+    probe = FirstLayerProbe(model)
+    args = STSSFTConfig(
+        output_dir=out_dir, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, activation_checkpointing=False,
+        max_length=None, lds_alpha=1.0, lds_epsilon=1.0, lds_schedule="constant",
+    )
+    lora = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    trainer = STSSFTTrainer(model=model, args=args, train_dataset=conversations("llava"), processing_class=processor,
+                            peft_config=lora)
+    trainer.train()
+    assert (trainer.sts_plan.stage, trainer.sts_plan.lds) == ("instruction", True)
+    assert probe.calls[0] == 2 and probe.calls[2] == probe.calls[3] == 0
+    assert trainer.sts_ledger.totals()["flops_saving"] > 0.3
