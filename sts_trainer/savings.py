@@ -38,7 +38,7 @@ class SavingsLedger:
         self.records.append(record)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "records": [asdict(r) for r in self.records]}
+        return asdict(self)  # the records too, as dicts
 
     @classmethod
     def from_dict(cls, data: dict) -> "SavingsLedger":

@@ -66,6 +66,11 @@ def detect_stage(parts: ModelParts) -> tuple[str, str | None]:
     return "alignment", None
 
 
+def find_named_parts(model: nn.Module, args) -> ModelParts:
+    """`find_parts` with the parts the user named in `args`: sts_projector, sts_decoder_layers, sts_image_token_id."""
+    return find_parts(model, args.sts_projector, args.sts_decoder_layers, args.sts_image_token_id)
+
+
 def asks_for_sparsity(args) -> bool:
     """The user asked for STS explicitly: a stage named, a component forced on, or a part of the model named."""
     named = (args.sts_decoder_layers, args.sts_projector, args.sts_image_token_id)
@@ -84,7 +89,7 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
     if args.sts_stage == "none" and args.sts_vtc != "on" and args.sts_lds != "on":
         return SparsityPlan(stage="none", vtc=False, lds=False, parts=None)
     try:
-        parts = find_parts(model, args.sts_projector, args.sts_decoder_layers, args.sts_image_token_id)
+        parts = find_named_parts(model, args)
     except UnknownArchitectureError:
         if asks_for_sparsity(args):
             raise

@@ -38,6 +38,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..architectures import find_parts
 from ..arguments import STSTrainingArguments
+from ..stage import find_named_parts
 from ..trainer import STSTrainer
 from .data import (
     CHAT_TEMPLATE,
@@ -206,11 +207,7 @@ def load_model(model_args: ModelArguments):
 def model_parts(model, training_args: STSTrainingArguments | None = None):
     """`find_parts` with the parts the user named (`--sts_projector`, `--sts_decoder_layers`, `--sts_image_token_id`),
     so the command line finds the same projector and language model as the trainer does."""
-    if training_args is None:
-        return find_parts(model)
-    return find_parts(
-        model, training_args.sts_projector, training_args.sts_decoder_layers, training_args.sts_image_token_id
-    )
+    return find_parts(model) if training_args is None else find_named_parts(model, training_args)
 
 
 def set_trainable(model, model_args: ModelArguments, training_args: STSTrainingArguments | None = None):
