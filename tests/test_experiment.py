@@ -1,5 +1,7 @@
 import json
+import os
 
+import numpy as np
 import pytest
 
 from sts_trainer.lab import experiment
@@ -9,11 +11,13 @@ from sts_trainer.lab.synthetic import CATEGORIES
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("accuracy")
-    return out, experiment.main(["--quick", "--output_dir", str(out)])
+    cache = tmp_path_factory.mktemp("foundation")
+    argv = ["--quick", "--output_dir", str(out), "--foundation_cache", str(cache)]
+    return out, argv, experiment.main(argv)
 
 
 def test_quick_experiment_writes_every_variant(quick):
-    out, result = quick
+    out, _, result = quick
     names = [row["variant"] for row in result["rows"]]
     assert names == [v.name for v in experiment.VARIANTS]
     assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 10
@@ -22,12 +26,18 @@ def test_quick_experiment_writes_every_variant(quick):
     saved = json.loads((out / "accuracy.json").read_text())
     assert saved["rows"] == result["rows"] and len(saved["per_seed"]) == 1
     table = (out / "accuracy.md").read_text()
-    assert table.count("\n|") == 2 * (len(names) + 2)  # two tables: header, separator, one line per variant
+    # three tables: two with a line per variant, the token profile with the testbed's and LLaVA-1.5-7B's lines
+    assert table.count("\n|") == 2 * (len(names) + 2) + 4
     assert all(category in table for category in CATEGORIES)
+    # the line format docs/accuracy.md keeps, read by scripts: | STS ... | ... | retention | ...
+    sts_line = next(line for line in table.splitlines() if line.startswith("| STS"))
+    assert sts_line.count("|") == len(CATEGORIES) + 6
+    if "pooled_retention" in result["rows"][0]:
+        assert "[" in sts_line
 
 
 def test_quick_experiment_columns_and_references(quick):
-    _, result = quick
+    _, _, result = quick
     rows = {row["variant"]: row for row in result["rows"]}
     for row in rows.values():
         for key in experiment.COLUMNS:
@@ -39,6 +49,7 @@ def test_quick_experiment_columns_and_references(quick):
     baseline = rows["baseline"]
     if "retention" in baseline:
         assert baseline["retention"]["mean"] == pytest.approx(1.0)
+        assert baseline["pooled_retention"] == {"point": 1.0, "ci95": [1.0, 1.0]}
     assert baseline["flops_saved"]["mean"] == 0.0 and baseline["wall_clock_saved"]["mean"] == 0.0
     # VTC saves only in stage 1, LDS only in stage 2; every run of a stage counted the same dense FLOPs.
     for name, row in rows.items():
@@ -53,3 +64,73 @@ def test_quick_experiment_columns_and_references(quick):
     # shared stage 1: baseline and LDS start stage 2 from the same alignment run
     runs = result["runs"][0]
     assert runs["baseline"]["stages"][0] is runs["LDS"]["stages"][0]
+    # per-question correctness, in the question file's order, agrees with the metric
+    for name, run in runs.items():
+        assert len(run["correct"]) == result["arguments"]["test_samples"]
+        assert np.mean(run["correct"]) == pytest.approx(run["scores"]["exact_match"])
+    profile = result["token_profile"]
+    assert profile["testbed"]["visual_tokens_per_image"] == 16  # the quick foundation: 32 px, 8-pixel patches
+    assert profile["llava-1.5-7b"]["visual_tokens_per_image"] == 576
+    assert 0.0 < profile["testbed"]["alignment_flops_share"] < 1.0
+
+
+def test_same_seed_starts_from_the_same_projector(quick, tmp_path):
+    """Paired design: a run composes its new projector from its seed, whatever ran before it in the process."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sts_trainer.lab.foundation import QUICK_RECIPE, build_foundation
+    from sts_trainer.lab.synthetic import write_dataset
+    from sts_trainer.llava.data import DataArguments
+    from sts_trainer.llava.train import ModelArguments, run
+
+    out, argv, _ = quick
+    foundation = build_foundation(QUICK_RECIPE, argv[argv.index("--foundation_cache") + 1])
+    data = write_dataset(str(tmp_path / "data"), 8, "train", 0, "alignment", QUICK_RECIPE.image_size)
+    exp = experiment.ExperimentArguments(alignment_lr=0.0, alignment_steps=1, batch_size=4)  # weights stay at init
+    projectors = []
+    for seed, noise in ((0, 1), (0, 1000), (1, 1)):
+        torch.rand(noise)  # the global generator's state differs between the runs
+        summary = run(
+            ModelArguments(language_model=foundation["language_model"], vision_tower=foundation["vision_tower"]),
+            DataArguments(data_path=data["data_path"], image_folder=data["image_folder"]),
+            experiment._training_args(exp, "stage1", seed, str(tmp_path / f"run{seed}-{noise}"), None),
+        )
+        projectors.append(load_file(os.path.join(summary["output_dir"], "mm_projector.safetensors")))
+    assert projectors[0].keys() == projectors[2].keys() and len(projectors[0]) >= 2
+    assert all(torch.equal(projectors[0][k], projectors[1][k]) for k in projectors[0])
+    assert not all(torch.equal(projectors[0][k], projectors[2][k]) for k in projectors[0])
+
+
+def test_resume_reuses_finished_runs(quick, capsys):
+    out, argv, result = quick
+    summary = out / "seed0" / "stage2" / "baseline" / "result.json"
+    before = summary.stat().st_mtime_ns
+    again = experiment.main(argv)
+    assert summary.stat().st_mtime_ns == before  # nothing retrained
+    assert "done before, reused" in capsys.readouterr().out
+    assert again["rows"] == result["rows"]
+
+
+def test_resume_refuses_other_arguments(quick):
+    _, argv, _ = quick
+    with pytest.raises(ValueError, match="instruction_lr differ"):
+        experiment.main([*argv, "--instruction_lr", "1e-3"])
+
+
+def test_retention_interval_is_paired():
+    rng = np.random.default_rng(0)
+    baseline = (rng.random((5, 400)) < 0.6).astype(float)
+    # the same answers: retention exactly 1, and the paired interval has no width
+    assert experiment.retention_interval(baseline, baseline, 200) == (1.0, 1.0, 1.0)
+    # a variant that loses a tenth of the baseline's correct answers: retention 0.9, inside a tight interval
+    variant = baseline.copy()
+    lost = np.flatnonzero(baseline.ravel())[::10]
+    variant.ravel()[lost] = 0.0
+    point, low, high = experiment.retention_interval(variant, baseline, 500)
+    assert point == pytest.approx(variant.mean() / baseline.mean())
+    assert low < point < high and high < 1.0 and low > 0.85
+    with pytest.raises(ValueError, match="shape"):
+        experiment.retention_interval(variant[:, :10], baseline, 10)
+    with pytest.raises(ValueError, match="undefined"):
+        experiment.retention_interval(variant, np.zeros_like(baseline), 10)

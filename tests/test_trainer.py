@@ -1,7 +1,7 @@
 import copy
-from dataclasses import dataclass
 import json
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch

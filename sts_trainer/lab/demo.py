@@ -2,14 +2,22 @@
 
     sts-demo                               # or: python -m sts_trainer.lab.demo; about 2.5 minutes on 2 CPU cores
     sts-demo --dense                       # the same without STS, for comparison
+    sts-demo --foundation pretrained --image_size 64 --train_samples 4000 --alignment_steps 100 \
+        --instruction_steps 150 --batch_size 16 --alignment_lr 1e-3 --instruction_lr 2e-4
+                                           # the pretrained toy models (docs/accuracy.md): ~3 min, + ~20 min once
 
 It writes a synthetic image-question world in LLaVA format (PNG scenes of coloured shapes, captions for alignment,
-questions on colour, shape, counting, position, existence and short text for instruction tuning), a tiny language
-model with its tokenizer and a tiny CLIP vision tower with its image processor, all built locally with random
-weights. Then, through the same code path as the command line (`sts_trainer.llava.train.run`):
+questions on colour, shape, counting, position, existence and short text for instruction tuning), and a tiny
+language model with its tokenizer and a tiny CLIP vision tower with its image processor: built locally with random
+weights (`--foundation random`, the default), or the pretrained toy models of `sts_trainer.lab.foundation`
+(`--foundation pretrained`: a language model that knows the world's language and a vision encoder whose features
+describe its images, built the first time, about 20 minutes, then cached). On the pretrained pair, alignment does
+not yet beat skipping it (docs/accuracy.md), so the default stays the random pair, whose recipe is tuned.
+Then, through the same code path as the command line (`sts_trainer.llava.train.run`):
   1. alignment: a new LLaVA composed from the two, only the projector trains, with the Visual Token Compressor;
   2. instruction tuning from stage 1's output, projector and language model train, with the Layer Dynamic Skipper;
-and ends with a summary: per stage steps, time, FLOPs saved, final loss, and accuracy on held-out questions.
+and ends with a summary: per stage steps, time, FLOPs saved, final loss, and accuracy on held-out questions, with
+the accuracy of the language model answering from the scene described in words as the ceiling to compare with.
 """
 
 import json
@@ -23,20 +31,33 @@ from ..arguments import STSTrainingArguments
 from ..llava.data import DataArguments
 from ..llava.evaluate import evaluate_model
 from ..llava.train import ModelArguments, run
+from .foundation import DEFAULT_CACHE, FoundationRecipe, build_foundation
 from .synthetic import build_tokenizer_and_processor, tiny_llava_config_for, write_dataset
 
 
 @dataclass
 class DemoArguments:
     output_dir: str = field(default="sts_demo", metadata={"help": "Where data, models, checkpoints and results go."})
+    foundation: str = field(
+        default="random",
+        metadata={"help": "'random': random-weight models of --hidden_size and --num_layers, built in seconds. "
+                          "'pretrained': the toy foundation models of sts_trainer.lab.foundation (built once, then "
+                          "cached; 64-pixel images, give --image_size 64), so that alignment connects models that "
+                          "already know language and images.",
+                  "choices": ["pretrained", "random"]},
+    )
+    foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained models are cached."})
     train_samples: int = field(default=5000, metadata={"help": "Synthetic training scenes (each stage)."})
     test_samples: int = field(default=300, metadata={"help": "Held-out questions for the final accuracy."})
     alignment_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
     instruction_steps: int = field(default=1500, metadata={"help": "Optimizer steps of stage 2."})
     batch_size: int = field(default=32, metadata={"help": "Samples per step."})
-    hidden_size: int = field(default=128, metadata={"help": "Width of the tiny language model."})
-    num_layers: int = field(default=4, metadata={"help": "Decoder layers of the tiny language model."})
-    image_size: int = field(default=32, metadata={"help": "Image side in pixels (8-pixel patches)."})
+    alignment_lr: float = field(default=2e-3, metadata={"help": "Learning rate of stage 1 (the projector)."})
+    instruction_lr: float = field(default=5e-4, metadata={"help": "Learning rate of stage 2."})
+    hidden_size: int = field(default=128, metadata={"help": "--foundation random: width of the language model."})
+    num_layers: int = field(default=4, metadata={"help": "--foundation random: decoder layers of the language model."})
+    image_size: int = field(default=32, metadata={"help": "Image side in pixels (8-pixel patches with --foundation "
+                                                          "random; the pretrained models need 64)."})
     seed: int = field(default=0, metadata={"help": "Seed of data, weights and training."})
     dense: bool = field(default=False, metadata={"help": "Train without STS (sts_stage='none'), for comparison."})
 
@@ -77,23 +98,37 @@ def main(argv: list[str] | None = None) -> dict:
     (demo,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     data_dir = os.path.join(demo.output_dir, "data")
-    print(f"Writing the synthetic data and tiny models under {demo.output_dir} ...", flush=True)
-    alignment_data = write_dataset(data_dir, demo.train_samples, "train", demo.seed, "alignment", demo.image_size)
-    instruction_data = write_dataset(data_dir, demo.train_samples, "train", demo.seed, "instruction", demo.image_size)
-    test_data = write_dataset(data_dir, demo.test_samples, "test", demo.seed, "instruction", demo.image_size)
-    assets = build_assets(demo)
+    if demo.foundation == "pretrained":
+        print(f"Pretrained toy foundation models: built the first time (about 20 min), then cached under "
+              f"{demo.foundation_cache} ...", flush=True)
+        recipe = FoundationRecipe()
+        if demo.image_size != recipe.image_size:
+            raise ValueError(f"--foundation pretrained reads {recipe.image_size}-pixel images: give --image_size "
+                             f"{recipe.image_size} (got {demo.image_size}).")
+        foundation = build_foundation(recipe, demo.foundation_cache)
+        assets = {"language_model": foundation["language_model"], "vision_tower": foundation["vision_tower"],
+                  "vision_feature_layer": -1}  # the encoder was pretrained on its last layer's patch tokens
+        with open(foundation["report"]) as f:
+            ceiling = json.load(f)["language_model"]["answer_from_caption_accuracy"]
+        image_size = recipe.image_size
+    else:
+        assets, ceiling, image_size = build_assets(demo), None, demo.image_size
+    print(f"Writing the synthetic data under {data_dir} ...", flush=True)
+    alignment_data = write_dataset(data_dir, demo.train_samples, "train", demo.seed, "alignment", image_size)
+    instruction_data = write_dataset(data_dir, demo.train_samples, "train", demo.seed, "instruction", image_size)
+    test_data = write_dataset(data_dir, demo.test_samples, "test", demo.seed, "instruction", image_size)
 
     print("\n== Stage 1: alignment (projector trains; VTC) ==", flush=True)
     stage1 = run(
         ModelArguments(**assets, training_stage="alignment"),
         DataArguments(data_path=alignment_data["data_path"], image_folder=alignment_data["image_folder"]),
-        _training_args(demo, "stage1", demo.alignment_steps, 2e-3),
+        _training_args(demo, "stage1", demo.alignment_steps, demo.alignment_lr),
     )
     print("\n== Stage 2: instruction tuning (projector + LLM train; LDS) ==", flush=True)
     stage2 = run(
         ModelArguments(model_name_or_path=stage1["output_dir"], training_stage="instruction"),
         DataArguments(data_path=instruction_data["data_path"], image_folder=instruction_data["image_folder"]),
-        _training_args(demo, "stage2", demo.instruction_steps, 5e-4),
+        _training_args(demo, "stage2", demo.instruction_steps, demo.instruction_lr),
     )
 
     print("\n== Held-out questions ==", flush=True)
@@ -103,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor, test_data["questions_path"], test_data["image_folder"], "exact_match",
         os.path.join(demo.output_dir, "eval"),
     )
-    summary = {"stages": [stage1, stage2], "held_out": scores}
+    summary = {"stages": [stage1, stage2], "held_out": scores, "text_only_ceiling": ceiling}
     with open(os.path.join(demo.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print("\n" + format_summary(summary, demo))
@@ -119,6 +154,9 @@ def format_summary(summary: dict, demo: DemoArguments) -> str:
     scores = summary["held_out"]
     lines.append("")
     lines.append(f"held-out accuracy (exact match): {100 * scores['exact_match']:.1f}%")
+    if summary.get("text_only_ceiling") is not None:
+        lines.append(f"  (the language model alone, answering from the scene described in words: "
+                     f"{100 * summary['text_only_ceiling']:.1f}%)")
     per_category = {k.split("/")[0]: v for k, v in scores.items() if k.endswith("/exact_match")}
     lines.append("  " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per_category.items()))
     lines.append(f"outputs: {demo.output_dir}/stage1, {demo.output_dir}/stage2 (plain transformers checkpoints)")

@@ -1,11 +1,15 @@
-"""Accuracy retention: the demo's recipe trained densely and with each STS variant, same seeds, data and steps.
+"""Accuracy retention on a miniature LLaVA: pretrained toy foundation models, LLaVA's token profile, paired seeds.
 
-    python -m sts_trainer.lab.experiment --output_dir accuracy_results   # 3 seeds, ~40 min on 2 CPU cores: docs/accuracy.md
-    python -m sts_trainer.lab.experiment --quick --output_dir /tmp/acc    # a smoke run, under a minute; numbers meaningless
+    python -m sts_trainer.lab.experiment --output_dir accuracy_results   # 5 seeds: docs/accuracy.md; resumes
+    python -m sts_trainer.lab.experiment --quick --output_dir /tmp/acc    # a smoke run, about a minute; numbers meaningless
 
-Per seed, the synthetic world's data and the tiny models are built once (`sts_trainer.lab.demo`; the demo's recipe, with
-fewer instruction steps by default to fit the time budget), and every variant trains from them for the same steps on
-the same batches:
+The testbed is LLaVA-1.5's setting in miniature. A frozen *pretrained* language model (it knows the world's language:
+it answers questions about a scene described in words) and a frozen *pretrained* vision encoder (its features carry
+colour, shape, position, count and text), both from `sts_trainer.lab.foundation`, built once and cached. Each image
+gives 256 visual tokens against captions of a few dozen text tokens. Stage 1 (alignment) trains a fresh projector on
+captions; stage 2 (instruction tuning) trains projector and language model on questions. Every run goes through the
+command line's code path (`sts_trainer.llava.train.run`, as `sts-train` does), then answers the same held-out
+questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per category and overall.
 
     variant              stage 1 (alignment)        stage 2 (instruction tuning)
     baseline             dense                      dense
@@ -14,17 +18,21 @@ the same batches:
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
     no alignment         skipped                    dense          (a control: what stage 1 is worth here)
 
-Dense stages run with `sts_stage='none'` (plain `Trainer`). Variants with the same stage 1 share its output (baseline
-and LDS; VTC uniform 0.5 and STS). Each trained model answers the same held-out questions greedily
-(`evaluate.evaluate_model`), scored by exact match, per category and overall.
+**Paired design.** Per seed, every variant trains on the same data, from the same initial weights (the foundation
+models, and a projector initialised from the seed), on the same batches in the same order. Variants with the same
+stage 1 share its output (baseline and LDS; VTC uniform 0.5 and STS). Dense stages run with `sts_stage='none'`.
 
-The table (`accuracy.md`, numbers in `accuracy.json`): accuracy per category and overall; retention = the variant's
-overall accuracy / the baseline's, per seed; FLOPs saved = 1 - whole-run actual / whole-run dense training FLOPs; and
-wall-clock saved = 1 - the variant's training time (both stages' `train_runtime`) / the baseline's. Every cell is the
-mean over seeds with (min-max). FLOPs are `flops.py`'s analytic count, from each stage's `sts` totals
-(`sts_savings.json`). A dense stage keeps no ledger, but it trains on exactly the micro-batches that the sparse runs
-of the same seed and stage count as their `dense_flops` (same data, same seed, same sampler), so that count is the
-baseline's FLOPs, the reference; the experiment warns if the runs of a stage disagree on it.
+**Statistics.** Retention = the variant's accuracy / the baseline's, pooled over seeds (the ratio of the means). Its
+95% interval is a paired bootstrap over seeds and questions: each resample draws seeds with replacement and, within
+each, questions with replacement, the same draws for the variant and the baseline. FLOPs saved = 1 - whole-run
+actual / whole-run dense training FLOPs (`flops.py`'s analytic count, from each stage's `sts` totals). A dense stage
+keeps no ledger, but it trains on exactly the micro-batches that the sparse runs of the same seed and stage count as
+their `dense_flops`, so that count is the baseline's FLOPs; the experiment warns if the runs of a stage disagree on
+it. Wall-clock saved = 1 - the variant's training time (both stages' `train_runtime`) / the baseline's, per seed.
+
+**Resuming.** Each finished run is kept (`stage1/<setting>/sts_train_summary.json`, `stage2/<variant>/result.json`);
+run the same command again and it trains only what is missing, so an interrupted experiment resumes and `--seeds`
+can grow. `experiment.json` holds the arguments a folder's runs were made with; other arguments are refused.
 """
 
 import json
@@ -34,15 +42,19 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from ..llava.data import DataArguments
-from ..llava.evaluate import evaluate_model
+from ..arguments import STSTrainingArguments
+from ..llava.data import IMAGE_TOKEN, PLAIN_TEMPLATE, DataArguments, to_messages
+from ..llava.evaluate import evaluate_model, read_questions
+from ..llava.metrics.vqa_accuracy import normalize_answer
 from ..llava.train import ModelArguments, run
-from .demo import DemoArguments, _training_args, build_assets
+from .foundation import DEFAULT_CACHE, QUICK_RECIPE, FoundationRecipe, build_foundation
 from .synthetic import CATEGORIES, write_dataset
 
 logger = logging.getLogger("sts_trainer")
@@ -73,86 +85,164 @@ VARIANTS = (
     Variant("no alignment (control)", "skipped", "dense"),
 )
 COLUMNS = (*CATEGORIES, "overall", "retention", "flops_saved", "wall_clock_saved")
+LLAVA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "llava-1.5-7b.json"
 
 
 @dataclass
 class ExperimentArguments:
     output_dir: str = field(default="accuracy_results", metadata={"help": "Where data, runs, accuracy.json/.md go."})
-    seeds: int = field(default=3, metadata={"help": "Number of seeds (0, 1, ...), each with its own data and weights."})
-    quick: bool = field(default=False, metadata={"help": "A smoke run: tiny sizes, a few steps, one seed."})
-    train_samples: int = field(default=DemoArguments.train_samples, metadata={"help": "Training scenes per stage."})
-    test_samples: int = field(default=600, metadata={"help": "Held-out questions (the same for every run)."})
-    alignment_steps: int = field(default=DemoArguments.alignment_steps, metadata={"help": "Optimizer steps, stage 1."})
-    instruction_steps: int = field(
-        default=800,
-        metadata={"help": "Optimizer steps of stage 2 (the demo: 1500; fewer here, so that 3 seeds x 10 variants fit "
-                          "in about 40 minutes on 2 CPU cores)."},
+    seeds: int = field(default=5, metadata={"help": "Number of seeds (0, 1, ...), each with its own data, projector "
+                                                    "initialisation and batch order."})
+    quick: bool = field(default=False, metadata={"help": "A smoke run: the quick foundation models, tiny sizes, a "
+                                                         "few steps, one seed."})
+    train_samples: int = field(default=4000, metadata={"help": "Training scenes per stage and seed."})
+    test_samples: int = field(default=1200, metadata={"help": "Held-out questions (the same for every run), in "
+                                                              "equal parts per category."})
+    alignment_steps: int = field(default=100, metadata={"help": "Optimizer steps of stage 1."})
+    instruction_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 2."})
+    batch_size: int = field(default=16, metadata={"help": "Samples per optimizer step, both stages."})
+    alignment_lr: float = field(default=1e-3, metadata={"help": "Stage-1 learning rate (the projector's)."})
+    instruction_lr: float = field(default=2e-4, metadata={"help": "Stage-2 learning rate (projector and language "
+                                                                  "model)."})
+    variants: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated variant names to run (default: all). The baseline is always run. A quick "
+                          "check of a testbed: --variants 'no alignment (control)'."},
     )
-    alignment_lr: float = field(default=2e-3, metadata={"help": "Stage-1 learning rate (the demo's)."})
-    instruction_lr: float = field(default=5e-4, metadata={"help": "Stage-2 learning rate (the demo's)."})
+    bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the retention intervals."})
+    foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained toy foundation "
+                                                                           "models are cached (built when missing)."})
 
     def __post_init__(self):
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}.")
+        if min(self.train_samples, self.test_samples, self.alignment_steps, self.instruction_steps,
+               self.batch_size, self.bootstrap) < 1:
+            raise ValueError("train_samples, test_samples, alignment_steps, instruction_steps, batch_size and "
+                             "bootstrap must be positive.")
+
+        known = [v.name for v in VARIANTS]
+        unknown = sorted(set(self.chosen()) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown variants {unknown} in --variants; choose from {known}.")
+
+    def chosen(self) -> list[str]:
+        if self.variants is None:
+            return [v.name for v in VARIANTS]
+        return list(dict.fromkeys(["baseline", *(name.strip() for name in self.variants.split(",") if name.strip())]))
+
+    def defining(self) -> dict:
+        """The arguments a run's result depends on: a folder's runs are only reused under the same ones."""
+        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "seeds", "variants", "bootstrap")}
 
 
-QUICK = dict(seeds=1, train_samples=24, test_samples=12, alignment_steps=2, instruction_steps=2)
-QUICK_MODEL = dict(batch_size=4, hidden_size=32, num_layers=2)
+QUICK = dict(seeds=1, train_samples=24, test_samples=12, alignment_steps=2, instruction_steps=2, batch_size=4,
+             bootstrap=50)
 
 
-def run_seed(exp: ExperimentArguments, recipe: DemoArguments, test: dict[str, str]) -> dict[str, dict]:
-    """Train every variant for `recipe.seed`; return per variant its two stage summaries and held-out scores."""
-    root = recipe.output_dir
-    data_dir = os.path.join(root, "data")
-    alignment_data, instruction_data = (
-        write_dataset(data_dir, exp.train_samples, "train", recipe.seed, stage, recipe.image_size)
-        for stage in ("alignment", "instruction")
+def _training_args(exp: ExperimentArguments, stage: str, seed: int, output_dir: str,
+                   sts: dict | None) -> STSTrainingArguments:
+    steps, lr = (exp.alignment_steps, exp.alignment_lr) if stage == "stage1" else (exp.instruction_steps,
+                                                                                 exp.instruction_lr)
+    args = STSTrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=exp.batch_size, learning_rate=lr,
+        warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine", logging_steps=max(1, steps // 10),
+        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
+        dataloader_num_workers=0, disable_tqdm=True, sts_stage="none" if sts is None else "auto",
+        **(sts or {}),
     )
-    assets = build_assets(recipe)
+    return args
+
+
+def _done(path: str) -> dict | None:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], test: dict[str, str]) -> dict[str, dict]:
+    """Train (or find, when already trained) every variant for `seed`; per variant its two stage summaries, held-out
+    scores and per-question correctness."""
+    root = os.path.join(exp.output_dir, f"seed{seed}")
+    data_dir = os.path.join(root, "data")
+    image_size = foundation["image_size"]
+    data = {}
+
+    def dataset(stage):
+        if stage not in data:
+            data[stage] = write_dataset(data_dir, exp.train_samples, "train", seed, stage, image_size)
+        return data[stage]
+
+    compose = {"language_model": foundation["language_model"], "vision_tower": foundation["vision_tower"],
+               "vision_feature_layer": -1}  # the encoder was pretrained on its last layer's patch tokens
 
     def train(stage: str, key: str, sts: dict | None, output_dir: str, **model_args) -> dict:
-        steps, lr, data = (exp.alignment_steps, exp.alignment_lr, alignment_data)
-        if stage == "stage2":
-            steps, lr, data = (exp.instruction_steps, exp.instruction_lr, instruction_data)
-        args = _training_args(recipe, stage, steps, lr)
-        args.output_dir, args.disable_tqdm = output_dir, True
-        args.sts_stage = "none" if sts is None else "auto"
-        for name, value in (sts or {}).items():
-            setattr(args, name, value)
-        args.validate_sts()
-        print(f"\n== seed {recipe.seed}: {stage} {key} ==", flush=True)
+        summary = _done(os.path.join(output_dir, "sts_train_summary.json"))
+        if summary is not None:
+            print(f"== seed {seed}: {stage} {key}: done before, reused ==", flush=True)
+            return summary
+        kind = "alignment" if stage == "stage1" else "instruction"
+        files = dataset(kind)
+        print(f"\n== seed {seed}: {stage} {key} ==", flush=True)
         return run(
-            ModelArguments(**model_args), DataArguments(data_path=data["data_path"], image_folder=data["image_folder"]),
-            args,
+            ModelArguments(**model_args, training_stage=kind),
+            DataArguments(data_path=files["data_path"], image_folder=files["image_folder"]),
+            _training_args(exp, stage, seed, output_dir, sts),
         )
 
     stage1 = {}
-    for key in dict.fromkeys(v.stage1 for v in VARIANTS if v.stage1 in STAGE1):
-        output_dir = os.path.join(root, "stage1", key.replace(" ", "_"))
-        stage1[key] = train("stage1", key, STAGE1[key], output_dir, **assets, training_stage="alignment")
+
+    def aligned(key: str) -> dict:  # each stage-1 setting trains once, when a variant first needs it
+        if key not in stage1:
+            output_dir = os.path.join(root, "stage1", key.replace(" ", "_"))
+            stage1[key] = train("stage1", key, STAGE1[key], output_dir, **compose)
+        return stage1[key]
+
+    questions = read_questions(test["questions_path"])
     results = {}
-    for variant in VARIANTS:
+    # the baseline and the control first: what the testbed is worth shows after two runs
+    chosen = [v for v in VARIANTS if v.name in exp.chosen()]
+    for variant in sorted(chosen, key=lambda v: v.name not in ("baseline", "no alignment (control)")):
         output_dir = os.path.join(root, "stage2", variant.name.split(" (")[0].replace(" ", "_"))
-        # the control composes the model afresh: stage 2 starts from an untrained projector
-        init = assets if variant.stage1 == "skipped" else {"model_name_or_path": stage1[variant.stage1]["output_dir"]}
-        stage2 = train("stage2", variant.name, STAGE2[variant.stage2], output_dir, **init, training_stage="instruction")
-        start = time.perf_counter()
-        model = AutoModelForImageTextToText.from_pretrained(output_dir)
-        processor = AutoProcessor.from_pretrained(output_dir)
-        scores = evaluate_model(
-            model, processor, test["questions_path"], test["image_folder"], "exact_match",
-            os.path.join(output_dir, "eval"),
-        )
+        result = _done(os.path.join(output_dir, "result.json"))
+        if result is None:
+            # the control composes the model afresh: stage 2 starts from an untrained projector
+            init = compose if variant.stage1 == "skipped" else {"model_name_or_path": aligned(variant.stage1)["output_dir"]}
+            stage2 = train("stage2", variant.name, STAGE2[variant.stage2], output_dir, **init)
+            start = time.perf_counter()
+            model = AutoModelForImageTextToText.from_pretrained(output_dir)
+            processor = AutoProcessor.from_pretrained(output_dir)
+            eval_dir = os.path.join(output_dir, "eval")
+            scores = evaluate_model(model, processor, test["questions_path"], test["image_folder"], "exact_match",
+                                    eval_dir, max_new_tokens=3)
+            with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
+                predictions = [json.loads(line) for line in f]
+            if [p["id"] for p in predictions] != [q["id"] for q in questions]:
+                raise RuntimeError(f"{eval_dir}/predictions.jsonl does not follow the question file's order.")
+            result = {
+                "stage2": stage2, "scores": scores, "eval_seconds": time.perf_counter() - start,
+                "correct": [int(normalize_answer(p["prediction"]) == normalize_answer(p["answer"]))
+                            for p in predictions],
+            }
+            if abs(statistics.fmean(result["correct"]) - scores["exact_match"]) > 1e-9:
+                raise RuntimeError(f"Per-question correctness disagrees with the exact_match metric in {eval_dir}.")
+            with open(os.path.join(output_dir, "result.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        else:
+            print(f"== seed {seed}: stage2 {variant.name}: done before, reused ==", flush=True)
+        if variant.stage1 != "skipped":
+            aligned(variant.stage1)  # a reused stage 2 still reports its stage 1 (found, not retrained)
         results[variant.name] = {
-            "stages": [stage1.get(variant.stage1), stage2],
-            "scores": scores,
-            "eval_seconds": time.perf_counter() - start,
+            "stages": [stage1.get(variant.stage1), result["stage2"]],
+            "scores": result["scores"], "eval_seconds": result["eval_seconds"], "correct": result["correct"],
         }
-    return results
+    return {v.name: results[v.name] for v in chosen}
 
 
-def dense_references(results: dict[str, dict]) -> tuple[list[float], float]:
-    """Per stage, the dense training FLOPs of this seed's batches, and the largest relative disagreement between runs.
+def dense_references(results: dict[str, dict]) -> tuple[list[float | None], float]:
+    """Per stage, the dense training FLOPs of this seed's batches (None without a sparse run of the stage to count
+    them), and the largest relative disagreement between runs.
 
     Every sparse run of a stage counts the same micro-batches densely; a dense run keeps no ledger but trains on them.
     """
@@ -161,7 +251,8 @@ def dense_references(results: dict[str, dict]) -> tuple[list[float], float]:
         stages = [r["stages"][index] for r in results.values()]
         counts = [s["sts"]["dense_flops"] for s in stages if s is not None and s["sts"]]
         if not counts:
-            raise ValueError(f"No sparse run of stage {index + 1} to count its dense FLOPs from.")
+            references.append(None)
+            continue
         references.append(counts[0])
         disagreement = max(disagreement, (max(counts) - min(counts)) / max(counts))
     return references, disagreement
@@ -186,23 +277,53 @@ def seed_metrics(results: dict[str, dict]) -> tuple[dict[str, dict], dict]:
         row = {c: r["scores"].get(f"{c}/exact_match") for c in CATEGORIES}
         row["overall"] = r["scores"]["exact_match"]
         row["retention"] = row["overall"] / base["scores"]["exact_match"] if base["scores"]["exact_match"] else None
-        row["flops_saved"] = 1.0 - sum(actual) / (dense1 + dense2)
-        row["stage1_flops_saved"] = 1.0 - actual[0] / dense1
-        row["stage2_flops_saved"] = 1.0 - actual[1] / dense2
+        counted = dense1 is not None and dense2 is not None
+        row["flops_saved"] = 1.0 - sum(actual) / (dense1 + dense2) if counted else None
+        row["stage1_flops_saved"] = 1.0 - actual[0] / dense1 if counted else None
+        row["stage2_flops_saved"] = 1.0 - actual[1] / dense2 if counted else None
         row["wall_clock_saved"] = 1.0 - wall / base_wall
         row["train_seconds"] = wall
         metrics[name] = row
     reference = {
-        "stage1_dense_flops": dense1, "stage2_dense_flops": dense2, "stage1_share": dense1 / (dense1 + dense2),
+        "stage1_dense_flops": dense1, "stage2_dense_flops": dense2,
+        "stage1_share": dense1 / (dense1 + dense2) if dense1 is not None and dense2 is not None else None,
         "dense_flops_disagreement": disagreement,
     }
     return metrics, reference
 
 
-def aggregate(per_seed: list[dict[str, dict]]) -> list[dict]:
-    """One row per variant: every metric's mean, min, max and standard deviation over seeds."""
+def retention_interval(correct: np.ndarray, baseline: np.ndarray, resamples: int, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float, float]:
+    """Pooled retention (mean accuracy / the baseline's) and its paired bootstrap interval over seeds and questions.
+
+    `correct` and `baseline` are (seeds, questions) arrays of 0/1, the same questions in the same order. A resample
+    draws seeds with replacement, then questions with replacement within each drawn seed, the same draws for both.
+    """
+    if correct.shape != baseline.shape:
+        raise ValueError(f"Paired arrays differ in shape: {correct.shape} and {baseline.shape}.")
+    if not baseline.any():
+        raise ValueError("The baseline answered no question correctly: retention is undefined.")
+    n_seeds, n_questions = correct.shape
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for start in range(0, resamples, 100):  # in chunks, to bound memory at 100 x seeds x questions indices
+        count = min(100, resamples - start)
+        seeds = rng.integers(0, n_seeds, (count, n_seeds, 1))
+        questions = rng.integers(0, n_questions, (count, n_seeds, n_questions))
+        kept = correct[seeds, questions].mean(axis=(1, 2))
+        base = baseline[seeds, questions].mean(axis=(1, 2))
+        ratios.append(np.divide(kept, base, out=np.full_like(kept, np.nan), where=base > 0))
+    ratios = np.concatenate(ratios)
+    point = correct.mean() / baseline.mean()
+    low, high = np.nanpercentile(ratios, [50 * (1 - level), 50 * (1 + level)])
+    return float(point), float(low), float(high)
+
+
+def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], resamples: int) -> list[dict]:
+    """One row per variant: every metric's mean, min, max and standard deviation over seeds; the pooled retention
+    with its bootstrap interval."""
     rows = []
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if v.name in per_seed[0]):
         row = {"variant": variant.name, "stage1": variant.stage1, "stage2": variant.stage2}
         for key in per_seed[0][variant.name]:
             values = [m[variant.name][key] for m in per_seed if m[variant.name][key] is not None]
@@ -211,13 +332,57 @@ def aggregate(per_seed: list[dict[str, dict]]) -> list[dict]:
                     "mean": statistics.fmean(values), "min": min(values), "max": max(values),
                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 }
+        if correct["baseline"].any():  # else retention is undefined, left out (a smoke run may score 0%)
+            point, low, high = retention_interval(correct[variant.name], correct["baseline"], resamples)
+            row["pooled_retention"] = {"point": point, "ci95": [low, high]}
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], references: list[dict], exp: ExperimentArguments, recipe: DemoArguments,
-             machine: str) -> str:
-    def cell(row, key, scale=100.0, spec=".1f"):
+def token_profile(exp: ExperimentArguments, foundation: dict, references: list[dict], processor) -> dict:
+    """The share of visual tokens in what the language model reads in alignment, and alignment's share of the run's
+    training FLOPs, here and for LLaVA-1.5-7B (`sts-plan`'s recipe)."""
+    with open(os.path.join(exp.output_dir, "seed0", "data", "train_s0_alignment.json")) as f:
+        records = json.load(f)
+    text = [
+        len(processor.tokenizer(
+            processor.apply_chat_template(to_messages(r["conversations"]), chat_template=PLAIN_TEMPLATE,
+                                          tokenize=False).replace(IMAGE_TOKEN, ""),
+            add_special_tokens=False)["input_ids"])
+        for r in records[:500]
+    ]
+    visual = foundation["visual_tokens"]
+    mean_text = statistics.fmean(text)
+    profile = {
+        "testbed": {
+            "visual_tokens_per_image": visual, "alignment_text_tokens_per_sample": mean_text,
+            "alignment_visual_share": visual / (visual + mean_text),
+            "alignment_flops_share": None if references[0]["stage1_share"] is None
+            else statistics.fmean(r["stage1_share"] for r in references),
+        }
+    }
+    if LLAVA_CONFIG.exists():
+        from .plan import PlanArguments, plan
+
+        args = PlanArguments(model_config=str(LLAVA_CONFIG))
+        report = plan(args)
+        llava_visual = report["visual_tokens_per_image"]
+        profile["llava-1.5-7b"] = {
+            "visual_tokens_per_image": llava_visual,
+            "alignment_text_tokens_per_sample": args.alignment_text_tokens_per_sample,
+            "alignment_visual_share": llava_visual / (llava_visual + args.alignment_text_tokens_per_sample),
+            "alignment_flops_share": report["stages"]["alignment"]["dense_flops"]["total"]
+            / report["run"]["dense_flops"]["total"],
+        }
+    return profile
+
+
+def _pct(v: float, spec: str = ".1f") -> str:
+    return format(100 * v, spec)
+
+
+def markdown(rows: list[dict], profile: dict, exp: ExperimentArguments, foundation: dict, machine: str) -> str:
+    def spread(row, key, scale=100.0, spec=".1f"):
         if key not in row:
             return ""
         v = row[key]
@@ -225,33 +390,52 @@ def markdown(rows: list[dict], references: list[dict], exp: ExperimentArguments,
             return format(scale * v["mean"], spec)
         return f"{scale * v['mean']:{spec}} ({scale * v['min']:{spec}}-{scale * v['max']:{spec}})"
 
-    share = statistics.fmean(r["stage1_share"] for r in references)
-    headers = [*CATEGORIES, "overall", "retention", "FLOPs saved", "wall-clock saved"]
+    def mean(row, key):
+        return _pct(row[key]["mean"]) if key in row else ""
+
+    def retention(row):
+        if "pooled_retention" not in row:
+            return ""
+        r = row["pooled_retention"]
+        return f"{_pct(r['point'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]"
+
+    headers = [*CATEGORIES, "overall", "retention [95% CI]", "FLOPs saved", "wall-clock saved"]
     lines = [
-        f"Machine: {machine}. Recipe: {exp.seeds} seed(s); {exp.train_samples} training scenes per stage; "
-        f"{exp.alignment_steps} alignment + {exp.instruction_steps} instruction steps of batch {recipe.batch_size}; "
-        f"a {recipe.num_layers}-layer, {recipe.hidden_size}-wide language model; "
-        f"{(recipe.image_size // 8) ** 2} visual tokens per image; {exp.test_samples} held-out questions. "
-        "Numbers in %: mean over seeds (min-max); retention = overall accuracy / the baseline's, per seed; FLOPs and "
-        "wall-clock saved over the whole run (both stages) against the baseline.",
+        f"Machine: {machine}. Recipe: {exp.seeds} seed(s); {exp.train_samples} training scenes per stage and seed; "
+        f"{exp.alignment_steps} alignment + {exp.instruction_steps} instruction steps of batch {exp.batch_size}; a "
+        f"{foundation['lm_layers']}-layer, {foundation['lm_hidden_size']}-wide pretrained language model; "
+        f"{foundation['visual_tokens']} visual tokens per image; {exp.test_samples} held-out questions. "
+        "Numbers in %. Categories: mean over seeds; overall, FLOPs and wall-clock saved: mean over seeds (min-max); "
+        "retention: pooled over seeds, with its paired bootstrap 95% interval over seeds and questions. FLOPs and "
+        "wall-clock saved cover the whole run (both stages) against the baseline.",
         "",
         "| variant | " + " | ".join(headers) + " |",
         "|---|" + "---:|" * len(headers),
     ]
     for row in rows:
-        lines.append(f"| {row['variant']} | " + " | ".join(cell(row, key) for key in COLUMNS) + " |")
+        cells = [*(mean(row, c) for c in CATEGORIES), spread(row, "overall"), retention(row),
+                 spread(row, "flops_saved"), spread(row, "wall_clock_saved")]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    share = profile["testbed"]["alignment_flops_share"]
     lines += [
         "",
-        f"Per stage (stage 1 is {100 * share:.1f}% of the baseline's training FLOPs):",
+        "Per stage" + ("" if share is None else f" (stage 1 is {100 * share:.1f}% of the baseline's training FLOPs)")
+        + ":",
         "",
         "| variant | stage 1 | stage 2 | stage-1 FLOPs saved | stage-2 FLOPs saved | training time (s) |",
         "|---|---|---|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['variant']} | {row['stage1']} | {row['stage2']} | {cell(row, 'stage1_flops_saved')} "
-            f"| {cell(row, 'stage2_flops_saved')} | {cell(row, 'train_seconds', 1.0, '.0f')} |"
+            f"| {row['variant']} | {row['stage1']} | {row['stage2']} | {spread(row, 'stage1_flops_saved')} "
+            f"| {spread(row, 'stage2_flops_saved')} | {spread(row, 'train_seconds', 1.0, '.0f')} |"
         )
+    lines += ["", "Token profile:", "", "| | visual tokens per image | text tokens per alignment sample | visual "
+              "share of alignment tokens | alignment share of training FLOPs |", "|---|---:|---:|---:|---:|"]
+    for name, p in profile.items():
+        lines.append(f"| {name} | {p['visual_tokens_per_image']} | {p['alignment_text_tokens_per_sample']:.1f} | "
+                     f"{_pct(p['alignment_visual_share'])} | "
+                     f"{'' if p['alignment_flops_share'] is None else _pct(p['alignment_flops_share'])} |")
     return "\n".join(lines)
 
 
@@ -265,36 +449,58 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def _check_folder(exp: ExperimentArguments) -> None:
+    """Refuse to mix runs made with other arguments into this folder's results."""
+    path = os.path.join(exp.output_dir, "experiment.json")
+    before = _done(path)
+    if before is not None and before != exp.defining():
+        changed = sorted(k for k in set(before) | set(exp.defining()) if before.get(k) != exp.defining().get(k))
+        raise ValueError(f"{exp.output_dir} holds runs made with other arguments ({', '.join(changed)} differ): "
+                         "give a new --output_dir, or the same arguments to resume.")
+    os.makedirs(exp.output_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(exp.defining(), f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     (exp,) = HfArgumentParser(ExperimentArguments).parse_args_into_dataclasses(argv)
-    model_sizes = {}
     if exp.quick:
         exp = replace(exp, **QUICK)
-        model_sizes = QUICK_MODEL
+    _check_folder(exp)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
-    recipe = DemoArguments(output_dir=exp.output_dir, **model_sizes)
+    recipe = QUICK_RECIPE if exp.quick else FoundationRecipe()
+    print(f"Foundation models (recipe {recipe.key()}; built once, then cached under {exp.foundation_cache}) ...",
+          flush=True)
+    foundation = build_foundation(recipe, exp.foundation_cache) | asdict(recipe) | {
+        "visual_tokens": recipe.visual_tokens}
     # one held-out set for every seed and variant: the test split never shares a scene with a training split
-    test = write_dataset(
-        os.path.join(exp.output_dir, "test"), exp.test_samples, "test", 0, "instruction", recipe.image_size
-    )
+    test = write_dataset(os.path.join(exp.output_dir, "test"), exp.test_samples, "test", 0, "instruction",
+                         recipe.image_size)
     per_seed, references, raw = [], [], {}
+    correct = {name: [] for name in exp.chosen()}
     for seed in range(exp.seeds):
-        seed_recipe = replace(recipe, output_dir=os.path.join(exp.output_dir, f"seed{seed}"), seed=seed)
-        results = run_seed(exp, seed_recipe, test)
+        results = run_seed(exp, seed, foundation, test)
         metrics, reference = seed_metrics(results)
         per_seed.append(metrics)
         references.append(reference)
         raw[seed] = results
+        for name, r in results.items():
+            correct[name].append(r["correct"])
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s: "
               + ", ".join(f"{name} {100 * m['overall']:.1f}%" for name, m in metrics.items()), flush=True)
-    rows = aggregate(per_seed)
+    rows = aggregate(per_seed, {k: np.array(v, dtype=float) for k, v in correct.items()}, exp.bootstrap)
+    processor = AutoProcessor.from_pretrained(foundation["processor"])
+    profile = token_profile(exp, foundation, references, processor)
     machine = machine_description()
-    table = markdown(rows, references, exp, recipe, machine)
+    table = markdown(rows, profile, exp, foundation, machine)
+    with open(foundation["report"]) as f:
+        foundation_report = json.load(f)
     output = {
-        "arguments": asdict(exp), "recipe": asdict(recipe), "machine": machine, "seconds": time.perf_counter() - start,
-        "rows": rows, "per_seed": per_seed, "references": references, "runs": raw,
+        "arguments": asdict(exp), "foundation": foundation_report, "machine": machine,
+        "seconds": time.perf_counter() - start, "rows": rows, "per_seed": per_seed, "references": references,
+        "token_profile": profile, "runs": raw,
     }
     with open(os.path.join(exp.output_dir, "accuracy.json"), "w") as f:
         json.dump(output, f, indent=1)

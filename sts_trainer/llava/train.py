@@ -33,6 +33,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    set_seed,
 )
 from transformers.integrations import deepspeed as hf_deepspeed
 
@@ -308,6 +309,8 @@ def save_outputs(trainer: LlavaTrainer, model_args: ModelArguments, processor) -
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: STSTrainingArguments) -> dict:
     """Train one stage; return a summary (steps, wall-clock, final loss, STS savings, skipped samples)."""
     check_stages(model_args, training_args)
+    # A composed model's new projector is initialised from the seed, so runs with the same seed start alike.
+    set_seed(training_args.seed)
     model, processor = load_model(model_args)
     # Also the template saved with the processor, so that the next stage and inference use the same one.
     processor.chat_template = resolve_chat_template(data_args.chat_template, processor.chat_template)

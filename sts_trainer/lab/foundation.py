@@ -1,0 +1,382 @@
+"""Toy foundation models of the synthetic world: a pretrained language model and a pretrained vision encoder.
+
+    python -m sts_trainer.lab.foundation                   # build (or find) the default pair: ~10 min on 2 CPU cores
+    python -m sts_trainer.lab.foundation --quick           # the seconds-long pair the tests use
+
+LLaVA starts from a language model that already knows language (Vicuna) and a vision encoder whose features already
+describe images (CLIP); alignment only has to connect them. This module builds that situation in miniature, so that
+alignment matters and accuracy retention is measured in the method's regime:
+
+- the **language model** (a small Llama) is pretrained on text of the world only: a scene's caption standing where the
+  image will stand, followed by a question about it and its one-word answer, or by the instruction to describe the
+  image and the caption again, in both formats training uses (the chat template and the plain alignment format).
+  It learns to answer from a described scene before it ever sees an image;
+- the **vision encoder** (a small CLIP vision tower) is pretrained on the world's images, supervised on what is in
+  each cell of the 2x2 grid (colour and shape), the written word and the number of shapes, each read from the
+  tokens of its own region, so its patch features carry colour, shape, position, count and text.
+
+Both are built once per recipe and cached under `<cache_dir>/<key>`, where the key is a hash of the recipe (and of
+`FOUNDATION_VERSION`, bumped when what a recipe builds changes). `build_foundation` returns the saved paths, which
+`sts-train --language_model ... --vision_tower ...` composes into a LLaVA model as it would Vicuna and CLIP.
+`report.json` holds how well each learned its task on held-out scenes (written last: its presence marks a finished
+build).
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel, HfArgumentParser, LlamaForCausalLM
+
+from ..llava.data import CHAT_TEMPLATE, IMAGE_TOKEN, PLAIN_TEMPLATE, to_messages
+from .synthetic import (
+    COLORS,
+    INSTRUCTIONS,
+    SHAPES,
+    WORDS,
+    build_tokenizer_and_processor,
+    generate,
+    render,
+    tiny_llava_config_for,
+)
+
+FOUNDATION_VERSION = 1
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sts_trainer", "foundation")
+
+
+@dataclass(frozen=True)
+class FoundationRecipe:
+    """What the two toy foundation models are and how they are pretrained. Every field is part of the cache key."""
+
+    image_size: int = field(default=64, metadata={"help": "Image side in pixels."})
+    patch_size: int = field(default=4, metadata={"help": "Vision patch side: (image_size / patch_size)^2 visual tokens."})
+    vision_hidden_size: int = field(default=64, metadata={"help": "Width of the vision encoder."})
+    vision_layers: int = field(default=3, metadata={"help": "Transformer layers of the vision encoder."})
+    vision_steps: int = field(default=600, metadata={"help": "Pretraining steps of the vision encoder."})
+    vision_images: int = field(default=6000, metadata={"help": "Distinct training images of the vision encoder."})
+    feature_scale_weight: float = field(
+        default=0.01,
+        metadata={"help": "Weight of a penalty on the mean square of the encoder's output features, which keeps them "
+                          "of order 1 as CLIP's are (without it they grow to norms in the hundreds)."},
+    )
+    lm_hidden_size: int = field(default=128, metadata={"help": "Width of the language model."})
+    lm_layers: int = field(default=4, metadata={"help": "Decoder layers of the language model."})
+    lm_steps: int = field(default=1500, metadata={"help": "Pretraining steps of the language model."})
+    lm_texts: int = field(default=30000, metadata={"help": "Distinct pretraining texts of the language model."})
+    batch_size: int = field(default=64, metadata={"help": "Pretraining batch size of both models."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of both (cosine decay)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the scenes, the weights and the batches."})
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def key(self, part: str | None = None) -> str:
+        """A hash of the recipe, or of the fields one part ('vision' or 'language') is built from."""
+        fields = asdict(self)
+        if part is not None:
+            own = "vision_" if part == "vision" else "lm_"
+            shared = ("batch_size", "learning_rate", "seed") + (
+                ("image_size", "patch_size", "feature_scale_weight") if part == "vision" else ())
+            fields = {k: v for k, v in fields.items() if k.startswith(own) or k in shared}
+        text = json.dumps({"version": FOUNDATION_VERSION, **fields}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Seconds-long: for tests, where the numbers do not matter but every code path runs.
+QUICK_RECIPE = FoundationRecipe(
+    image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_steps=3, vision_images=64,
+    lm_hidden_size=32, lm_layers=2, lm_steps=3, lm_texts=64, batch_size=16,
+)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _train(model, loss_fn, batches, steps: int, learning_rate: float, desc: str) -> list[float]:
+    """AdamW with warm-up and cosine decay over `steps`; `batches(step)` gives the step's inputs. Returns the losses."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        loss = loss_fn(batches(step))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{statistics_mean(losses[-50:]):.3f}")
+    return losses
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# ---- the vision encoder -------------------------------------------------------------------------------------------
+
+def scene_targets(scene) -> list[int]:
+    """Class labels of a scene: colour and shape in each grid cell (0 = empty; cells top-left, top-right,
+    bottom-left, bottom-right), the written word (0 = none) and the number of shapes."""
+    colors, shapes = [0] * 4, [0] * 4
+    for s in scene.shapes:
+        cell = 2 * s.row + s.column
+        colors[cell] = 1 + list(COLORS).index(s.color)
+        shapes[cell] = 1 + SHAPES.index(s.kind)
+    word = 0 if scene.word is None else 1 + WORDS.index(scene.word)
+    return [*colors, *shapes, word, len(scene.shapes)]
+
+
+class AttributeHeads(torch.nn.Module):
+    """Reads the vision encoder's patch tokens region by region: each grid cell's colour and shape from the mean of
+    that cell's tokens, the word from the top half's, the count from all of them."""
+
+    def __init__(self, hidden_size: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.cell = torch.nn.Linear(hidden_size, 1 + len(COLORS) + 1 + len(SHAPES))
+        self.word = torch.nn.Linear(hidden_size, 1 + len(WORDS))
+        self.count = torch.nn.Linear(hidden_size, 5)
+
+    def forward(self, patches: torch.Tensor) -> list[torch.Tensor]:
+        b, _, d = patches.shape  # (B, grid * grid, D), the CLS token removed
+        g, h = self.grid, self.grid // 2
+        cells = patches.view(b, 2, h, 2, h, d).mean(dim=(2, 4)).reshape(b, 4, d)  # (B, 4, D), row-major cells
+        cell_logits = self.cell(cells)  # (B, 4, colours + shapes)
+        n_colors = 1 + len(COLORS)
+        top = patches.view(b, g, g, d)[:, :h].mean(dim=(1, 2))  # (B, D)
+        return [
+            *cell_logits[..., :n_colors].unbind(1), *cell_logits[..., n_colors:].unbind(1),
+            self.word(top), self.count(patches.mean(1)),
+        ]
+
+
+def _scenes(num: int, split: str, seed: int):
+    return [sample.scene for sample in generate(num, split, seed)]
+
+
+def _pixels(processor, scenes, image_size: int) -> torch.Tensor:
+    images = [render(scene, image_size) for scene in scenes]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def pretrain_vision(recipe: FoundationRecipe, processor, vision_config: CLIPVisionConfig) -> tuple[CLIPVisionModel, dict]:
+    torch.manual_seed(recipe.seed)
+    model = CLIPVisionModel(vision_config)
+    grid = recipe.image_size // recipe.patch_size
+    heads = AttributeHeads(vision_config.hidden_size, grid)
+    scenes = _scenes(recipe.vision_images, "train", recipe.seed)
+    pixels = _pixels(processor, scenes, recipe.image_size)  # (N, 3, S, S)
+    targets = torch.tensor([scene_targets(s) for s in scenes])  # (N, 10)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    order = torch.randperm(len(scenes), generator=generator)
+    modules = torch.nn.ModuleList([model, heads])
+
+    def logits(x):
+        # the last layer's patch tokens: what the LLaVA model built from this encoder projects (vision_feature_layer -1)
+        return heads(model(pixel_values=x).last_hidden_state[:, 1:])
+
+    def batches(step):
+        start = (step * recipe.batch_size) % len(scenes)
+        index = order[start : start + recipe.batch_size]
+        return pixels[index], targets[index]
+
+    def loss_fn(batch):
+        x, y = batch
+        patches = model(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D)
+        attributes = sum(F.cross_entropy(out, y[:, k]) for k, out in enumerate(heads(patches)))
+        return attributes + recipe.feature_scale_weight * patches.pow(2).mean()
+
+    losses = _train(modules, loss_fn, batches, recipe.vision_steps, recipe.learning_rate, "vision encoder")
+    modules.eval()
+    held_out = _scenes(600 if recipe.vision_images >= 600 else 32, "val", recipe.seed)
+    with torch.no_grad():
+        predicted = torch.stack([out.argmax(-1) for out in logits(_pixels(processor, held_out, recipe.image_size))], 1)
+        features = model(pixel_values=_pixels(processor, held_out[:64], recipe.image_size)).last_hidden_state[:, 1:]
+    truth = torch.tensor([scene_targets(s) for s in held_out])
+    correct = (predicted == truth).float()
+    report = {
+        "final_loss": statistics_mean(losses[-20:]),
+        "held_out_scenes": len(held_out),
+        "cell_color_accuracy": correct[:, :4].mean().item(),
+        "cell_shape_accuracy": correct[:, 4:8].mean().item(),
+        "word_accuracy": correct[[i for i, s in enumerate(held_out) if s.word is not None], 8].mean().item(),
+        "count_accuracy": correct[:, 9].mean().item(),
+        "feature_rms": features.pow(2).mean().sqrt().item(),
+    }
+    return model, report
+
+
+# ---- the language model -------------------------------------------------------------------------------------------
+
+def world_texts(processor, num: int, split: str, seed: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of the world's text: a caption where the image will be, then a question and its
+    answer (chat template) or an instruction and the caption (plain alignment format), in equal parts."""
+    rng = random.Random(f"sts-foundation-texts/{split}/{seed}")
+    texts = []
+    for i, sample in enumerate(generate(num, split, seed)):
+        if i % 2 == 0:
+            template = CHAT_TEMPLATE
+            turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{sample.question}"}]
+            completion = sample.answer
+        else:
+            template = PLAIN_TEMPLATE
+            turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(INSTRUCTIONS)}"}]
+            completion = sample.caption
+        prompt = processor.apply_chat_template(
+            to_messages(turns), chat_template=template, add_generation_prompt=template is CHAT_TEMPLATE, tokenize=False
+        )
+        texts.append((prompt.replace(IMAGE_TOKEN, sample.caption), completion))
+    return texts
+
+
+def _encode(tokenizer, texts: list[tuple[str, str]]) -> list[torch.Tensor]:
+    """Token ids of prompt + completion + end of sequence (what the templates write after a reply)."""
+    full = [f"{prompt}{' ' if prompt.endswith(':') else ''}{completion}{tokenizer.eos_token}" for prompt, completion in texts]
+    return [torch.tensor(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
+
+
+def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) -> tuple[LlamaForCausalLM, dict]:
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(text_config)
+    tokenizer = processor.tokenizer
+    sequences = _encode(tokenizer, world_texts(processor, recipe.lm_texts, "train", recipe.seed))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    order = torch.randperm(len(sequences), generator=generator)
+    pad = tokenizer.pad_token_id
+
+    def batches(step):
+        start = (step * recipe.batch_size) % len(sequences)
+        rows = [sequences[i] for i in order[start : start + recipe.batch_size]]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        return ids, mask, ids.masked_fill(mask == 0, -100)
+
+    def loss_fn(batch):
+        ids, mask, labels = batch
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = _train(model, loss_fn, batches, recipe.lm_steps, recipe.learning_rate, "language model")
+    model.eval()
+    # Held out: answer a question about a described scene (the next token after 'ASSISTANT:').
+    texts = [t for t in world_texts(processor, 1200 if recipe.lm_texts >= 1200 else 32, "val", recipe.seed)
+             if t[0].endswith("ASSISTANT:")]
+    prompts = [torch.tensor(ids) for ids in tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]]
+    answers = torch.tensor([tokenizer.convert_tokens_to_ids(c) for _, c in texts])
+    correct = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), 64):
+            rows = prompts[start : start + 64]
+            lengths = torch.tensor([len(r) for r in rows])
+            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V); right padding
+            last = logits[torch.arange(len(rows)), lengths - 1]
+            correct.append(last.argmax(-1) == answers[start : start + 64])
+    report = {
+        "final_loss": statistics_mean(losses[-20:]),
+        "held_out_questions": len(texts),
+        "answer_from_caption_accuracy": torch.cat(correct).float().mean().item(),
+    }
+    return model, report
+
+
+# ---- build and cache ----------------------------------------------------------------------------------------------
+
+def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: str | None = None) -> dict[str, str]:
+    """The recipe's pretrained language model, vision encoder and processor, built once and cached.
+
+    Returns `{"language_model", "vision_tower", "processor", "report"}`: paths of a `LlamaForCausalLM` with its
+    tokenizer, a `CLIPVisionModel` with its image processor, the `LlavaProcessor`, and `report.json`. Each model is
+    cached under the key of the fields it is built from (`<cache_dir>/language-<key>`, `<cache_dir>/vision-<key>`),
+    so a recipe that changes one model rebuilds only that one. A cached model (its folder's `report.json` exists) is
+    reused; an unfinished one is rebuilt.
+    """
+    cache_dir = cache_dir or os.environ.get("STS_FOUNDATION_CACHE", DEFAULT_CACHE)
+    root = os.path.join(cache_dir, recipe.key())
+    vision_root = os.path.join(cache_dir, f"vision-{recipe.key('vision')}")
+    language_root = os.path.join(cache_dir, f"language-{recipe.key('language')}")
+    paths = {
+        "language_model": os.path.join(language_root, "language_model"),
+        "vision_tower": os.path.join(vision_root, "vision_tower"),
+        "processor": os.path.join(root, "processor"),
+        "report": os.path.join(root, "report.json"),
+    }
+    if os.path.exists(paths["report"]):
+        return paths
+    processor = build_tokenizer_and_processor(paths["processor"], recipe.image_size, recipe.patch_size)
+    config = tiny_llava_config_for(processor, num_layers=recipe.lm_layers, hidden_size=recipe.lm_hidden_size)
+    vision_config = config.vision_config
+    vision_config.hidden_size = recipe.vision_hidden_size
+    vision_config.intermediate_size = 2 * recipe.vision_hidden_size
+    vision_config.num_hidden_layers = recipe.vision_layers
+    vision_config.num_attention_heads = max(2, recipe.vision_hidden_size // 16)
+
+    def cached(part_root: str, build) -> dict:
+        report_path = os.path.join(part_root, "report.json")
+        if not os.path.exists(report_path):
+            start = time.perf_counter()
+            report = build() | {"build_seconds": time.perf_counter() - start}
+            with open(report_path, "w") as f:
+                json.dump(report, f, indent=1)
+        with open(report_path) as f:
+            return json.load(f)
+
+    def vision():
+        model, report = pretrain_vision(recipe, processor, vision_config)
+        model.save_pretrained(paths["vision_tower"])
+        processor.image_processor.save_pretrained(paths["vision_tower"])
+        return report
+
+    def language():
+        model, report = pretrain_language_model(recipe, processor, config.text_config)
+        model.save_pretrained(paths["language_model"])
+        processor.tokenizer.save_pretrained(paths["language_model"])
+        return report
+
+    report = {
+        "recipe": asdict(recipe), "key": recipe.key(), "visual_tokens": recipe.visual_tokens,
+        "vision_encoder": cached(vision_root, vision), "language_model": cached(language_root, language),
+    }
+    with open(paths["report"], "w") as f:
+        json.dump(report, f, indent=1)
+    return paths
+
+
+@dataclass
+class FoundationArguments:
+    cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "Where builds are cached, one folder per recipe."})
+    quick: bool = field(default=False, metadata={"help": "Build the seconds-long pair the tests use."})
+
+
+def main(argv: list[str] | None = None) -> dict[str, str]:
+    parser = HfArgumentParser((FoundationArguments, FoundationRecipe))
+    args, recipe = parser.parse_args_into_dataclasses(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.quick:
+        recipe = replace(QUICK_RECIPE, seed=recipe.seed)
+    paths = build_foundation(recipe, args.cache_dir)
+    with open(paths["report"]) as f:
+        print(f.read())
+    print(json.dumps(paths, indent=1))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+from sts_trainer.lab import foundation
+from sts_trainer.lab.foundation import QUICK_RECIPE, AttributeHeads, build_foundation, scene_targets, world_texts
+from sts_trainer.lab.synthetic import Scene, Shape, build_tokenizer_and_processor
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("foundation")
+    return cache, build_foundation(QUICK_RECIPE, str(cache))
+
+
+def test_build_saves_loadable_models_and_a_report(built):
+    cache, paths = built
+    assert paths["language_model"].startswith(os.path.join(str(cache), f"language-{QUICK_RECIPE.key('language')}"))
+    assert paths["vision_tower"].startswith(os.path.join(str(cache), f"vision-{QUICK_RECIPE.key('vision')}"))
+    model = LlamaForCausalLM.from_pretrained(paths["language_model"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["language_model"])
+    assert model.config.hidden_size == QUICK_RECIPE.lm_hidden_size and len(tokenizer) == model.config.vocab_size
+    vision = CLIPVisionModel.from_pretrained(paths["vision_tower"])
+    assert vision.config.image_size == QUICK_RECIPE.image_size and vision.config.patch_size == QUICK_RECIPE.patch_size
+    report = json.loads(open(paths["report"]).read())
+    assert report["key"] == QUICK_RECIPE.key() and report["visual_tokens"] == 16
+    for key in ("cell_color_accuracy", "cell_shape_accuracy", "word_accuracy", "count_accuracy"):
+        assert 0.0 <= report["vision_encoder"][key] <= 1.0
+    assert report["vision_encoder"]["feature_rms"] > 0.0
+    assert 0.0 <= report["language_model"]["answer_from_caption_accuracy"] <= 1.0
+
+
+def test_a_cached_build_is_reused_and_only_a_changed_model_rebuilt(built, monkeypatch):
+    cache, paths = built
+    before = os.stat(paths["report"]).st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rebuilt a cached model")
+
+    monkeypatch.setattr(foundation, "pretrain_vision", fail)
+    monkeypatch.setattr(foundation, "pretrain_language_model", fail)
+    assert build_foundation(QUICK_RECIPE, str(cache)) == paths
+    assert os.stat(paths["report"]).st_mtime_ns == before
+    # a vision-only change: a new vision encoder, the cached language model
+    monkeypatch.undo()
+    monkeypatch.setattr(foundation, "pretrain_language_model", fail)
+    other = replace(QUICK_RECIPE, feature_scale_weight=0.5)
+    assert other.key() != QUICK_RECIPE.key() and other.key("language") == QUICK_RECIPE.key("language")
+    rebuilt = build_foundation(other, str(cache))
+    assert rebuilt["language_model"] == paths["language_model"] and rebuilt["vision_tower"] != paths["vision_tower"]
+    assert CLIPVisionModel.from_pretrained(rebuilt["vision_tower"]).config.hidden_size == other.vision_hidden_size
+    # a language-model change rebuilds it
+    with pytest.raises(AssertionError, match="rebuilt"):
+        build_foundation(replace(QUICK_RECIPE, lm_steps=4), str(cache))
+
+
+def test_scene_targets_name_each_cell_the_word_and_the_count():
+    scene = Scene((Shape("circle", "red", 1, 0, 2, -2, False), Shape("triangle", "blue", 0, 1, -2, 2, True)))
+    colors, shapes, word, count = scene_targets(scene)[:4], scene_targets(scene)[4:8], *scene_targets(scene)[8:]
+    # cells: top-left, top-right, bottom-left, bottom-right; 0 = empty
+    assert colors == [0, 1, 3, 0] and shapes == [0, 1, 3, 0] and word == 0 and count == 2
+    assert scene_targets(Scene((), "cat"))[8] == 1
+
+
+def test_attribute_heads_read_each_region():
+    heads = AttributeHeads(hidden_size=8, grid=4)
+    patches = torch.zeros(2, 16, 8)
+    outputs = heads(patches)
+    assert len(outputs) == 10 and outputs[0].shape == (2, 7) and outputs[4].shape == (2, 4)
+    # a feature in the bottom-right cell changes only that cell's logits (and the all-token count)
+    changed = patches.clone()
+    changed.view(2, 4, 4, 8)[:, 2:, 2:] = 1.0
+    after = heads(changed)
+    moved = [k for k in range(10) if not torch.equal(outputs[k], after[k])]
+    assert moved == [3, 7, 9]
+
+
+def test_world_texts_put_the_caption_where_the_image_goes():
+    processor = build_tokenizer_and_processor(image_size=32, patch_size=8)
+    texts = world_texts(processor, 6, "train", 0)
+    chat, plain = texts[0], texts[1]
+    assert chat[0].startswith("<s>USER: ") and chat[0].endswith("ASSISTANT:") and "<image>" not in chat[0]
+    assert plain[1].endswith(".") and plain[0].startswith("<s>" + plain[1])  # caption, instruction, caption
+    ids = foundation._encode(processor.tokenizer, [chat])[0]
+    assert processor.tokenizer.unk_token_id not in ids.tolist() and ids[-1] == processor.tokenizer.eos_token_id
+
