@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from sts_trainer.lab import foundation
 from sts_trainer.lab.foundation import QUICK_RECIPE, AttributeHeads, build_foundation, scene_targets, world_texts
-from sts_trainer.lab.synthetic import Scene, Shape, build_tokenizer_and_processor
+from sts_trainer.lab.synthetic import PATCH_WORDS, Scene, Shape, build_tokenizer_and_processor
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_build_saves_loadable_models_and_a_report(built):
     for key in ("cell_color_accuracy", "cell_shape_accuracy", "word_accuracy", "count_accuracy"):
         assert 0.0 <= report["vision_encoder"][key] <= 1.0
     assert report["vision_encoder"]["feature_rms"] > 0.0
-    assert 0.0 <= report["language_model"]["answer_from_caption_accuracy"] <= 1.0
+    assert 0.0 <= report["language_model"]["text_only_accuracy"] <= 1.0
 
 
 def test_a_cached_build_is_reused_and_only_a_changed_model_rebuilt(built, monkeypatch):
@@ -70,13 +70,14 @@ def test_attribute_heads_read_each_region():
     heads = AttributeHeads(hidden_size=8, grid=4)
     patches = torch.zeros(2, 16, 8)
     outputs = heads(patches)
-    assert len(outputs) == 10 and outputs[0].shape == (2, 7) and outputs[4].shape == (2, 4)
+    assert len(outputs) == 11 and outputs[0].shape == (2, 7) and outputs[4].shape == (2, 4)
+    assert outputs[10].shape == (2, 16, len(PATCH_WORDS))
     # a feature in the bottom-right cell changes only that cell's logits (and the all-token count)
     changed = patches.clone()
     changed.view(2, 4, 4, 8)[:, 2:, 2:] = 1.0
     after = heads(changed)
-    moved = [k for k in range(10) if not torch.equal(outputs[k], after[k])]
-    assert moved == [3, 7, 9]
+    moved = [k for k in range(11) if not torch.equal(outputs[k], after[k])]
+    assert moved == [3, 7, 9, 10]  # its cell, the count, the patches
 
 
 def test_world_texts_put_the_caption_where_the_image_goes():
@@ -88,3 +89,14 @@ def test_world_texts_put_the_caption_where_the_image_goes():
     ids = foundation._encode(processor.tokenizer, [chat])[0]
     assert processor.tokenizer.unk_token_id not in ids.tolist() and ids[-1] == processor.tokenizer.eos_token_id
 
+
+
+def test_world_texts_can_write_the_scene_as_its_patch_words():
+    processor = build_tokenizer_and_processor(image_size=32, patch_size=8, with_patch_words=True)
+    prompt, answer = world_texts(processor, 1, "train", 0, "patch_words", 32, 8)[0]
+    scene = prompt.removeprefix("<s>USER: ").split("\n")[0].split()
+    assert len(scene) == 16 and set(scene) <= set(PATCH_WORDS) and set(scene) != {"blank"}
+    ids = foundation._encode(processor.tokenizer, [(prompt, answer)])[0]
+    assert processor.tokenizer.unk_token_id not in ids.tolist()
+    with pytest.raises(ValueError, match="scene_text"):
+        world_texts(processor, 1, "train", 0, "pixels")

@@ -9,6 +9,8 @@ from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor
 from sts_trainer.lab.synthetic import (
     CATEGORIES,
     COLORS,
+    Scene,
+    Shape,
     build_tokenizer_and_processor,
     generate,
     render,
@@ -141,3 +143,33 @@ def test_tiny_llava_matches_the_processor(processor):
     assert config.image_seq_length == (32 // 8) ** 2
     model = tiny_llava_for(processor, num_layers=2, hidden_size=32)
     assert model.config.text_config.num_hidden_layers == 2
+
+
+def test_patch_words_name_what_covers_each_patch():
+    from sts_trainer.lab.synthetic import PATCH_WORDS, patch_words
+
+    # a big square, half side 64/8 + 64/32 = 10 pixels, centred at 16 + 8 = 24: pixels 14..34 in both directions
+    scene = Scene((Shape("square", "red", 0, 0, 2, 2, True),))
+    words = patch_words(scene, 64, 4)
+    assert len(words) == 256 and set(words) == {"blank", "red_square"}
+    grid = [words[r * 16 : (r + 1) * 16] for r in range(16)]
+    covered = [(r, c) for r in range(16) for c in range(16) if grid[r][c] == "red_square"]
+    # 4-pixel patches 3..8 (pixels 12..35) hold at least a quarter of square (patch 3 at the corner: 2 x 2 of 4 x 4
+    # pixels, exactly a quarter); patch 9 (36..39) none
+    assert covered == [(r, c) for r in range(3, 9) for c in range(3, 9)]
+    text = patch_words(Scene((), "cat"), 64, 4)
+    assert {w for w in text if w != "blank"} == {"text_cat"}
+    assert all(w == "blank" for w in text[128:])  # the word is written in the top half
+    assert set(PATCH_WORDS) >= set(words) | set(text)
+
+
+def test_patch_words_join_the_vocabulary_only_when_asked():
+    from sts_trainer.lab.synthetic import PATCH_WORDS
+
+    plain = build_tokenizer_and_processor(image_size=32, patch_size=8)
+    with_words = build_tokenizer_and_processor(image_size=32, patch_size=8, with_patch_words=True)
+    assert len(with_words.tokenizer) == len(plain.tokenizer) + len(PATCH_WORDS)
+    ids = with_words.tokenizer(" ".join(PATCH_WORDS), add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(PATCH_WORDS) and with_words.tokenizer.unk_token_id not in ids
+    # the other words keep their ids
+    assert with_words.tokenizer("red circle")["input_ids"] == plain.tokenizer("red circle")["input_ids"]

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         assets = {"language_model": foundation["language_model"], "vision_tower": foundation["vision_tower"],
                   "vision_feature_layer": -1}  # the encoder was pretrained on its last layer's patch tokens
         with open(foundation["report"]) as f:
-            ceiling = json.load(f)["language_model"]["answer_from_caption_accuracy"]
+            ceiling = json.load(f)["language_model"]["text_only_accuracy"]
         image_size = recipe.image_size
     else:
         assets, ceiling, image_size = build_assets(demo), None, demo.image_size

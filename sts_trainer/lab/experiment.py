@@ -4,8 +4,9 @@
     python -m sts_trainer.lab.experiment --quick --output_dir /tmp/acc    # a smoke run, about a minute; numbers meaningless
 
 The testbed is LLaVA-1.5's setting in miniature. A frozen *pretrained* language model (it knows the world's language:
-it answers questions about a scene described in words) and a frozen *pretrained* vision encoder (its features carry
-colour, shape, position, count and text), both from `sts_trainer.lab.foundation`, built once and cached. Each image
+it answers questions about a scene written in words, one word per image patch) and a frozen *pretrained* vision
+encoder (its features carry colour, shape, position, count and text), both from `sts_trainer.lab.foundation`, built
+once and cached; the two never trained together. Each image
 gives 256 visual tokens against captions of a few dozen text tokens. Stage 1 (alignment) trains a fresh projector on
 captions; stage 2 (instruction tuning) trains projector and language model on questions. Every run goes through the
 command line's code path (`sts_trainer.llava.train.run`, as `sts-train` does), then answers the same held-out

@@ -7,13 +7,20 @@ LLaVA starts from a language model that already knows language (Vicuna) and a vi
 describe images (CLIP); alignment only has to connect them. This module builds that situation in miniature, so that
 alignment matters and accuracy retention is measured in the method's regime:
 
-- the **language model** (a small Llama) is pretrained on text of the world only: a scene's caption standing where the
-  image will stand, followed by a question about it and its one-word answer, or by the instruction to describe the
-  image and the caption again, in both formats training uses (the chat template and the plain alignment format).
-  It learns to answer from a described scene before it ever sees an image;
-- the **vision encoder** (a small CLIP vision tower) is pretrained on the world's images, supervised on what is in
-  each cell of the 2x2 grid (colour and shape), the written word and the number of shapes, each read from the
-  tokens of its own region, so its patch features carry colour, shape, position, count and text.
+- the **language model** (a small Llama) is pretrained on text of the world only: the scene written where the image
+  will stand, followed by a question about it and its one-word answer, or by the instruction to describe the image
+  and the caption, in both formats training uses (the chat template and the plain alignment format). The scene is
+  written as the image's *patch words* by default (`synthetic.patch_words`: one word per image patch, in the order
+  of the visual tokens, naming the shape and colour or the written word covering it, or `blank`), so that the
+  language model learns to read a scene laid out as the image path will give it; `--scene_text caption` writes
+  the caption instead. It learns to answer from a written scene before it ever sees an image;
+- the **vision encoder** (a small CLIP vision tower) is pretrained on the world's images, supervised on each patch's
+  word (from that patch's token), on what is in each cell of the 2x2 grid (colour and shape), the written word and
+  the number of shapes (each read from the tokens of its own region), so its patch features carry colour, shape,
+  position, count and text.
+
+Alignment then has to learn what LLaVA's projector learns: a map from each visual token's features to what the
+language model reads there. The language model never saw a feature vector, and nothing trains them together.
 
 Both are built once per recipe and cached under `<cache_dir>/<key>`, where the key is a hash of the recipe (and of
 `FOUNDATION_VERSION`, bumped when what a recipe builds changes). `build_foundation` returns the saved paths, which
@@ -38,15 +45,18 @@ from ..llava.data import CHAT_TEMPLATE, IMAGE_TOKEN, PLAIN_TEMPLATE, to_messages
 from .synthetic import (
     COLORS,
     INSTRUCTIONS,
+    PATCH_WORDS,
     SHAPES,
     WORDS,
     build_tokenizer_and_processor,
     generate,
+    patch_words,
     render,
     tiny_llava_config_for,
 )
 
-FOUNDATION_VERSION = 1
+FOUNDATION_VERSION = 2
+SCENE_TEXTS = ("patch_words", "caption")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sts_trainer", "foundation")
 
 
@@ -65,11 +75,19 @@ class FoundationRecipe:
         metadata={"help": "Weight of a penalty on the mean square of the encoder's output features, which keeps them "
                           "of order 1 as CLIP's are (without it they grow to norms in the hundreds)."},
     )
+    scene_text: str = field(
+        default="patch_words",
+        metadata={"help": "How the language model's pretraining texts give the scene, where the image will stand: "
+                          "'patch_words', one word per image patch naming what covers it (the image's own layout: "
+                          "what the projector can map each visual token to); 'caption', the scene's caption.",
+                  "choices": list(SCENE_TEXTS)},
+    )
     lm_hidden_size: int = field(default=128, metadata={"help": "Width of the language model."})
     lm_layers: int = field(default=4, metadata={"help": "Decoder layers of the language model."})
-    lm_steps: int = field(default=1500, metadata={"help": "Pretraining steps of the language model."})
-    lm_texts: int = field(default=30000, metadata={"help": "Distinct pretraining texts of the language model."})
-    batch_size: int = field(default=64, metadata={"help": "Pretraining batch size of both models."})
+    lm_steps: int = field(default=1000, metadata={"help": "Pretraining steps of the language model."})
+    lm_texts: int = field(default=20000, metadata={"help": "Distinct pretraining texts of the language model."})
+    lm_batch_size: int = field(default=32, metadata={"help": "Pretraining batch size of the language model."})
+    batch_size: int = field(default=64, metadata={"help": "Pretraining batch size of the vision encoder."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of both (cosine decay)."})
     seed: int = field(default=0, metadata={"help": "Seed of the scenes, the weights and the batches."})
 
@@ -82,8 +100,8 @@ class FoundationRecipe:
         fields = asdict(self)
         if part is not None:
             own = "vision_" if part == "vision" else "lm_"
-            shared = ("batch_size", "learning_rate", "seed") + (
-                ("image_size", "patch_size", "feature_scale_weight") if part == "vision" else ())
+            shared = ("learning_rate", "seed", "image_size", "patch_size") + (
+                ("batch_size", "feature_scale_weight") if part == "vision" else ("scene_text",))
             fields = {k: v for k, v in fields.items() if k.startswith(own) or k in shared}
         text = json.dumps({"version": FOUNDATION_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -92,7 +110,7 @@ class FoundationRecipe:
 # Seconds-long: for tests, where the numbers do not matter but every code path runs.
 QUICK_RECIPE = FoundationRecipe(
     image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_steps=3, vision_images=64,
-    lm_hidden_size=32, lm_layers=2, lm_steps=3, lm_texts=64, batch_size=16,
+    lm_hidden_size=32, lm_layers=2, lm_steps=3, lm_texts=64, lm_batch_size=8, batch_size=16,
 )
 
 
@@ -145,7 +163,8 @@ def scene_targets(scene) -> list[int]:
 
 class AttributeHeads(torch.nn.Module):
     """Reads the vision encoder's patch tokens region by region: each grid cell's colour and shape from the mean of
-    that cell's tokens, the word from the top half's, the count from all of them."""
+    that cell's tokens, the word from the top half's, the count from all of them, and each patch's word
+    (`synthetic.patch_words`: what covers the patch) from that patch's token."""
 
     def __init__(self, hidden_size: int, grid: int):
         super().__init__()
@@ -153,6 +172,7 @@ class AttributeHeads(torch.nn.Module):
         self.cell = torch.nn.Linear(hidden_size, 1 + len(COLORS) + 1 + len(SHAPES))
         self.word = torch.nn.Linear(hidden_size, 1 + len(WORDS))
         self.count = torch.nn.Linear(hidden_size, 5)
+        self.patch = torch.nn.Linear(hidden_size, len(PATCH_WORDS))
 
     def forward(self, patches: torch.Tensor) -> list[torch.Tensor]:
         b, _, d = patches.shape  # (B, grid * grid, D), the CLS token removed
@@ -163,7 +183,7 @@ class AttributeHeads(torch.nn.Module):
         top = patches.view(b, g, g, d)[:, :h].mean(dim=(1, 2))  # (B, D)
         return [
             *cell_logits[..., :n_colors].unbind(1), *cell_logits[..., n_colors:].unbind(1),
-            self.word(top), self.count(patches.mean(1)),
+            self.word(top), self.count(patches.mean(1)), self.patch(patches),
         ]
 
 
@@ -176,6 +196,11 @@ def _pixels(processor, scenes, image_size: int) -> torch.Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
+def _patch_targets(scenes, recipe: "FoundationRecipe") -> torch.Tensor:
+    return torch.tensor([[PATCH_WORDS.index(w) for w in patch_words(s, recipe.image_size, recipe.patch_size)]
+                         for s in scenes])  # (N, patches)
+
+
 def pretrain_vision(recipe: FoundationRecipe, processor, vision_config: CLIPVisionConfig) -> tuple[CLIPVisionModel, dict]:
     torch.manual_seed(recipe.seed)
     model = CLIPVisionModel(vision_config)
@@ -184,33 +209,38 @@ def pretrain_vision(recipe: FoundationRecipe, processor, vision_config: CLIPVisi
     scenes = _scenes(recipe.vision_images, "train", recipe.seed)
     pixels = _pixels(processor, scenes, recipe.image_size)  # (N, 3, S, S)
     targets = torch.tensor([scene_targets(s) for s in scenes])  # (N, 10)
+    patch_targets = _patch_targets(scenes, recipe)  # (N, grid * grid)
     generator = torch.Generator().manual_seed(recipe.seed)
     order = torch.randperm(len(scenes), generator=generator)
     modules = torch.nn.ModuleList([model, heads])
 
-    def logits(x):
+    def features(x):
         # the last layer's patch tokens: what the LLaVA model built from this encoder projects (vision_feature_layer -1)
-        return heads(model(pixel_values=x).last_hidden_state[:, 1:])
+        return model(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D)
 
     def batches(step):
         start = (step * recipe.batch_size) % len(scenes)
         index = order[start : start + recipe.batch_size]
-        return pixels[index], targets[index]
+        return pixels[index], targets[index], patch_targets[index]
 
     def loss_fn(batch):
-        x, y = batch
-        patches = model(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D)
-        attributes = sum(F.cross_entropy(out, y[:, k]) for k, out in enumerate(heads(patches)))
-        return attributes + recipe.feature_scale_weight * patches.pow(2).mean()
+        x, y, y_patch = batch
+        patches = features(x)
+        *attribute_logits, patch_logits = heads(patches)
+        loss = sum(F.cross_entropy(out, y[:, k]) for k, out in enumerate(attribute_logits))
+        loss = loss + F.cross_entropy(patch_logits.flatten(0, 1), y_patch.flatten())
+        return loss + recipe.feature_scale_weight * patches.pow(2).mean()
 
     losses = _train(modules, loss_fn, batches, recipe.vision_steps, recipe.learning_rate, "vision encoder")
     modules.eval()
     held_out = _scenes(600 if recipe.vision_images >= 600 else 32, "val", recipe.seed)
     with torch.no_grad():
-        predicted = torch.stack([out.argmax(-1) for out in logits(_pixels(processor, held_out, recipe.image_size))], 1)
-        features = model(pixel_values=_pixels(processor, held_out[:64], recipe.image_size)).last_hidden_state[:, 1:]
-    truth = torch.tensor([scene_targets(s) for s in held_out])
-    correct = (predicted == truth).float()
+        held_out_features = features(_pixels(processor, held_out, recipe.image_size))
+        *attribute_logits, patch_logits = heads(held_out_features)
+    predicted = torch.stack([out.argmax(-1) for out in attribute_logits], 1)
+    correct = (predicted == torch.tensor([scene_targets(s) for s in held_out])).float()
+    patch_truth = _patch_targets(held_out, recipe)
+    covered = patch_truth > 0
     report = {
         "final_loss": statistics_mean(losses[-20:]),
         "held_out_scenes": len(held_out),
@@ -218,16 +248,22 @@ def pretrain_vision(recipe: FoundationRecipe, processor, vision_config: CLIPVisi
         "cell_shape_accuracy": correct[:, 4:8].mean().item(),
         "word_accuracy": correct[[i for i, s in enumerate(held_out) if s.word is not None], 8].mean().item(),
         "count_accuracy": correct[:, 9].mean().item(),
-        "feature_rms": features.pow(2).mean().sqrt().item(),
+        "patch_word_accuracy": (patch_logits.argmax(-1) == patch_truth).float().mean().item(),
+        "covered_patch_word_accuracy": (patch_logits.argmax(-1) == patch_truth)[covered].float().mean().item(),
+        "feature_rms": held_out_features.pow(2).mean().sqrt().item(),
     }
     return model, report
 
 
 # ---- the language model -------------------------------------------------------------------------------------------
 
-def world_texts(processor, num: int, split: str, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs of the world's text: a caption where the image will be, then a question and its
-    answer (chat template) or an instruction and the caption (plain alignment format), in equal parts."""
+def world_texts(processor, num: int, split: str, seed: int, scene_text: str = "caption", image_size: int = 64,
+                patch_size: int = 4) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of the world's text: the scene where the image will be (its caption, or with
+    `scene_text='patch_words'` its patch words for `image_size` / `patch_size`), then a question and its answer
+    (chat template) or an instruction and the caption (plain alignment format), in equal parts."""
+    if scene_text not in SCENE_TEXTS:
+        raise ValueError(f"scene_text={scene_text!r} is not valid; choose one of {SCENE_TEXTS}.")
     rng = random.Random(f"sts-foundation-texts/{split}/{seed}")
     texts = []
     for i, sample in enumerate(generate(num, split, seed)):
@@ -242,7 +278,10 @@ def world_texts(processor, num: int, split: str, seed: int) -> list[tuple[str, s
         prompt = processor.apply_chat_template(
             to_messages(turns), chat_template=template, add_generation_prompt=template is CHAT_TEMPLATE, tokenize=False
         )
-        texts.append((prompt.replace(IMAGE_TOKEN, sample.caption), completion))
+        scene = sample.caption
+        if scene_text == "patch_words":
+            scene = " ".join(patch_words(sample.scene, image_size, patch_size))
+        texts.append((prompt.replace(IMAGE_TOKEN, scene), completion))
     return texts
 
 
@@ -256,14 +295,17 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(text_config)
     tokenizer = processor.tokenizer
-    sequences = _encode(tokenizer, world_texts(processor, recipe.lm_texts, "train", recipe.seed))
+    def texts(num, split):
+        return world_texts(processor, num, split, recipe.seed, recipe.scene_text, recipe.image_size, recipe.patch_size)
+
+    sequences = _encode(tokenizer, texts(recipe.lm_texts, "train"))
     generator = torch.Generator().manual_seed(recipe.seed)
     order = torch.randperm(len(sequences), generator=generator)
     pad = tokenizer.pad_token_id
 
     def batches(step):
-        start = (step * recipe.batch_size) % len(sequences)
-        rows = [sequences[i] for i in order[start : start + recipe.batch_size]]
+        start = (step * recipe.lm_batch_size) % len(sequences)
+        rows = [sequences[i] for i in order[start : start + recipe.lm_batch_size]]
         ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
         return ids, mask, ids.masked_fill(mask == 0, -100)
@@ -275,10 +317,9 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
     losses = _train(model, loss_fn, batches, recipe.lm_steps, recipe.learning_rate, "language model")
     model.eval()
     # Held out: answer a question about a described scene (the next token after 'ASSISTANT:').
-    texts = [t for t in world_texts(processor, 1200 if recipe.lm_texts >= 1200 else 32, "val", recipe.seed)
-             if t[0].endswith("ASSISTANT:")]
-    prompts = [torch.tensor(ids) for ids in tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]]
-    answers = torch.tensor([tokenizer.convert_tokens_to_ids(c) for _, c in texts])
+    held_out = [t for t in texts(1200 if recipe.lm_texts >= 1200 else 32, "val") if t[0].endswith("ASSISTANT:")]
+    prompts = [torch.tensor(ids) for ids in tokenizer([p for p, _ in held_out], add_special_tokens=False)["input_ids"]]
+    answers = torch.tensor([tokenizer.convert_tokens_to_ids(c) for _, c in held_out])
     correct = []
     with torch.no_grad():
         for start in range(0, len(prompts), 64):
@@ -291,8 +332,8 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
             correct.append(last.argmax(-1) == answers[start : start + 64])
     report = {
         "final_loss": statistics_mean(losses[-20:]),
-        "held_out_questions": len(texts),
-        "answer_from_caption_accuracy": torch.cat(correct).float().mean().item(),
+        "held_out_questions": len(held_out),
+        "text_only_accuracy": torch.cat(correct).float().mean().item(),
     }
     return model, report
 
@@ -320,7 +361,8 @@ def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: s
     }
     if os.path.exists(paths["report"]):
         return paths
-    processor = build_tokenizer_and_processor(paths["processor"], recipe.image_size, recipe.patch_size)
+    processor = build_tokenizer_and_processor(paths["processor"], recipe.image_size, recipe.patch_size,
+                                              with_patch_words=recipe.scene_text == "patch_words")
     config = tiny_llava_config_for(processor, num_layers=recipe.lm_layers, hidden_size=recipe.lm_hidden_size)
     vision_config = config.vision_config
     vision_config.hidden_size = recipe.vision_hidden_size

@@ -25,6 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -111,29 +112,66 @@ class Sample:
     caption: str
 
 
-def render(scene: Scene, size: int = 32) -> Image.Image:
-    """Draw the scene on a white `size` x `size` RGB image."""
-    image = Image.new("RGB", (size, size), "white")
+def _draw(scene: Scene, size: int, image: Image.Image, shape_fill, word_fill) -> None:
+    """Draw the scene's shapes (`shape_fill(shape)`) and word (`word_fill`) on `image`, a `size`-pixel square."""
     draw = ImageDraw.Draw(image)
     cell = size / 2
     for shape in scene.shapes:
         cx = (shape.column + 0.5) * cell + shape.dx * size / 16
         cy = (shape.row + 0.5) * cell + shape.dy * size / 16
         r = size / 8 + (size / 32 if shape.big else 0)
-        color = COLORS[shape.color]
+        fill = shape_fill(shape)
         if shape.kind == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif shape.kind == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=color)
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
         else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     if scene.word is not None:
         font = ImageFont.load_default(size=max(8, round(size * 0.3)))
         left, top, right, bottom = draw.textbbox((0, 0), scene.word, font=font)
         x = (size - (right - left)) / 2 - left + scene.word_dx * size / 16
         y = (size / 2 - (bottom - top)) / 2 - top
-        draw.text((x, y), scene.word, fill="black", font=font)
+        draw.text((x, y), scene.word, fill=word_fill, font=font)
+
+
+def render(scene: Scene, size: int = 32) -> Image.Image:
+    """Draw the scene on a white `size` x `size` RGB image."""
+    image = Image.new("RGB", (size, size), "white")
+    _draw(scene, size, image, lambda shape: COLORS[shape.color], "black")
     return image
+
+
+# One word per image patch, naming what covers it: the scene "written" in the image's own layout.
+BLANK_PATCH = "blank"
+SHAPE_PATCH_WORDS = tuple(f"{color}_{kind}" for color in COLORS for kind in SHAPES)
+TEXT_PATCH_WORDS = tuple(f"text_{word}" for word in WORDS)
+PATCH_WORDS = (BLANK_PATCH, *SHAPE_PATCH_WORDS, *TEXT_PATCH_WORDS)
+
+
+def patch_words(scene: Scene, size: int, patch_size: int) -> list[str]:
+    """What covers each `patch_size` patch of the scene rendered at `size` pixels, row-major: `blank`, a shape as
+    `<color>_<kind>`, or the written word as `text_<word>` (a patch with any ink of the word is the word's).
+
+    The words are those of `PATCH_WORDS`, one per visual token of an image, in the order the tokens reach the
+    language model.
+    """
+    shapes = Image.new("L", (size, size), 0)  # label 1 + index in SHAPE_PATCH_WORDS; shapes fill without blending
+    _draw(Scene(scene.shapes), size, shapes, lambda s: 1 + SHAPE_PATCH_WORDS.index(f"{s.color}_{s.kind}"), 0)
+    labels = torch.from_numpy(np.asarray(shapes, dtype=np.int64).copy())  # (size, size)
+    if scene.word is not None:
+        ink = Image.new("L", (size, size), 0)  # text is anti-aliased: threshold its coverage
+        _draw(Scene((), scene.word, scene.word_dx), size, ink, lambda s: 0, 255)
+        inked = torch.from_numpy(np.asarray(ink) > 96)
+        labels[inked] = len(SHAPE_PATCH_WORDS) + 1 + WORDS.index(scene.word)
+    g = size // patch_size
+    patches = labels.view(g, patch_size, g, patch_size).permute(0, 2, 1, 3).reshape(g * g, -1)  # (patches, pixels)
+    counts = torch.nn.functional.one_hot(patches, len(PATCH_WORDS)).sum(1)  # (patches, words): pixels of each
+    counts[:, 0] = 0
+    text = counts[:, 1 + len(SHAPE_PATCH_WORDS) :].sum(1) > 0  # any ink of the word
+    shape = counts.max(1).values * 4 >= patches.shape[1]  # a shape covering at least a quarter of the patch
+    index = torch.where(text | shape, counts.argmax(1), 0)
+    return [PATCH_WORDS[i] for i in index.tolist()]
 
 
 def caption(scene: Scene) -> str:
@@ -300,12 +338,13 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def build_tokenizer_and_processor(
-    out_dir: str | None = None, image_size: int = 32, patch_size: int = 8
+    out_dir: str | None = None, image_size: int = 32, patch_size: int = 8, with_patch_words: bool = False
 ) -> LlavaProcessor:
     """A word-level tokenizer over `vocabulary()` and a `LlavaProcessor` for `image_size` images, built locally.
 
     Token ids: `<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3, `<image>` 4, `USER:` 5, `ASSISTANT:` 6, then the words
-    (lower-cased by the tokenizer). Each `<image>` expands to (image_size / patch_size)^2 placeholders: CLIP adds a
+    (lower-cased by the tokenizer), and with `with_patch_words` the words of `PATCH_WORDS` after them. Each
+    `<image>` expands to (image_size / patch_size)^2 placeholders: CLIP adds a
     CLS token (`num_additional_image_tokens=1`) that the 'default' feature strategy drops. The chat template is
     `sts_trainer.llava.data.CHAT_TEMPLATE` ("USER: ... ASSISTANT: answer</s>"). What a matching model needs is on the
     processor: `processor.image_token_id`, `len(processor.tokenizer)`, `processor.patch_size`,
@@ -314,7 +353,8 @@ def build_tokenizer_and_processor(
     """
     if image_size % patch_size:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size}).")
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
+    words = [*vocabulary(), *(PATCH_WORDS if with_patch_words else ())]
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = _pre_tokenizer()
