@@ -7,6 +7,7 @@ def test_demo_runs_both_stages_and_reports(tmp_path):
     summary = demo.main([
         "--output_dir", str(tmp_path), "--train_samples", "8", "--test_samples", "6", "--alignment_steps", "1",
         "--instruction_steps", "1", "--batch_size", "4", "--hidden_size", "32", "--num_layers", "2",
+        "--foundation", "random",
     ])
     assert [s["stage"] for s in summary["stages"]] == ["alignment", "instruction"]
     assert summary["stages"][0]["sts"]["flops_saving"] > 0.0  # VTC in alignment
@@ -14,6 +15,13 @@ def test_demo_runs_both_stages_and_reports(tmp_path):
     assert (tmp_path / "summary.json").exists()
 
 
-def test_pretrained_demo_names_the_image_size_it_needs(tmp_path):
-    with pytest.raises(ValueError, match="--image_size 64"):
-        demo.main(["--output_dir", str(tmp_path), "--foundation", "pretrained", "--foundation_cache", str(tmp_path)])
+def test_each_foundation_has_its_recipe_and_options_override_it():
+    pretrained, random = demo.DemoArguments(), demo.DemoArguments(foundation="random")
+    assert pretrained.foundation == "pretrained" and pretrained.image_size == 64 and pretrained.instruction_steps == 150
+    assert random.image_size == 32 and random.instruction_steps == 1500
+    assert demo.DemoArguments(foundation="random", instruction_steps=7).instruction_steps == 7
+
+
+def test_pretrained_demo_names_the_image_size_it_reads():
+    with pytest.raises(ValueError, match="64-pixel images"):
+        demo.DemoArguments(image_size=32)

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    demo = DemoArguments(output_dir=str(root), hidden_size=32, num_layers=4)
+    demo = DemoArguments(output_dir=str(root), foundation="random", hidden_size=32, num_layers=4)
     assets = build_assets(demo)
     alignment = write_dataset(str(root / "data"), 24, "train", 0, "alignment")
     instruction = write_dataset(str(root / "data"), 24, "train", 0, "instruction")

@@ -1,23 +1,19 @@
 """The embedded demo: LLaVA's two training stages with STS, end to end, on a machine with nothing downloaded.
 
-    sts-demo                               # or: python -m sts_trainer.lab.demo; about 2.5 minutes on 2 CPU cores
+    sts-demo                               # or: python -m sts_trainer.lab.demo; ~4 min on 2 CPU cores (+ ~20 min once)
     sts-demo --dense                       # the same without STS, for comparison
-    sts-demo --foundation pretrained --image_size 64 --train_samples 4000 --alignment_steps 100 \
-        --instruction_steps 150 --batch_size 16 --alignment_lr 1e-3 --instruction_lr 2e-4
-                                           # the pretrained toy models (docs/accuracy.md): ~3 min, + ~20 min once
+    sts-demo --foundation random           # random-weight models, nothing to build: ~2.5 min
 
 It writes a synthetic image-question world in LLaVA format (PNG scenes of coloured shapes, captions for alignment,
-questions on colour, shape, counting, position, existence and short text for instruction tuning), and a tiny
-language model with its tokenizer and a tiny CLIP vision tower with its image processor: built locally with random
-weights (`--foundation random`, the default), or the pretrained toy models of `sts_trainer.lab.foundation`
-(`--foundation pretrained`: a language model that knows the world's language and a vision encoder whose features
-describe its images, built the first time, about 20 minutes, then cached). On the pretrained pair, alignment does
-not yet beat skipping it (docs/accuracy.md), so the default stays the random pair, whose recipe is tuned.
-Then, through the same code path as the command line (`sts_trainer.llava.train.run`):
+questions on colour, shape, counting, position, existence and short text for instruction tuning) and takes the
+pretrained toy models of `sts_trainer.lab.foundation`: a language model that knows the world's language and a
+vision encoder whose features describe its images, built the first time (about 20 minutes) and cached after
+(`--foundation random` builds random-weight ones in seconds instead). Then, through the same code path as the
+command line (`sts_trainer.llava.train.run`):
   1. alignment: a new LLaVA composed from the two, only the projector trains, with the Visual Token Compressor;
   2. instruction tuning from stage 1's output, projector and language model train, with the Layer Dynamic Skipper;
-and ends with a summary: per stage steps, time, FLOPs saved, final loss, and accuracy on held-out questions, with
-the accuracy of the language model answering from the scene described in words as the ceiling to compare with.
+and ends with a summary: per stage steps, time, FLOPs saved, final loss, and accuracy on held-out questions, next
+to the language model's own accuracy when the scene is written out in words (the ceiling alignment works towards).
 """
 
 import json
@@ -35,31 +31,57 @@ from .foundation import DEFAULT_CACHE, FoundationRecipe, build_foundation
 from .synthetic import build_tokenizer_and_processor, tiny_llava_config_for, write_dataset
 
 
+# Each foundation's recipe: the pretrained pair's is the accuracy experiment's (docs/accuracy.md), the random pair's
+# needs far more instruction steps to learn the world from scratch.
+RECIPES = {
+    "pretrained": dict(train_samples=4000, alignment_steps=100, instruction_steps=150, batch_size=16,
+                       alignment_lr=1e-3, instruction_lr=2e-4, image_size=64),
+    "random": dict(train_samples=5000, alignment_steps=150, instruction_steps=1500, batch_size=32,
+                   alignment_lr=2e-3, instruction_lr=5e-4, image_size=32),
+}
+
+
 @dataclass
 class DemoArguments:
     output_dir: str = field(default="sts_demo", metadata={"help": "Where data, models, checkpoints and results go."})
     foundation: str = field(
-        default="random",
-        metadata={"help": "'random': random-weight models of --hidden_size and --num_layers, built in seconds. "
-                          "'pretrained': the toy foundation models of sts_trainer.lab.foundation (built once, then "
-                          "cached; 64-pixel images, give --image_size 64), so that alignment connects models that "
-                          "already know language and images.",
-                  "choices": ["pretrained", "random"]},
+        default="pretrained",
+        metadata={"help": "'pretrained': the toy foundation models of sts_trainer.lab.foundation, a language model "
+                          "that knows the world's language and a vision encoder whose features describe its images "
+                          "(built the first time, about 20 minutes, then cached), so that alignment connects them as "
+                          "it connects Vicuna and CLIP. 'random': random-weight models of --hidden_size and "
+                          "--num_layers, built in seconds.",
+                  "choices": list(RECIPES)},
     )
     foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained models are cached."})
-    train_samples: int = field(default=5000, metadata={"help": "Synthetic training scenes (each stage)."})
+    # None: the foundation's recipe (RECIPES)
+    train_samples: int | None = field(default=None, metadata={"help": "Synthetic training scenes (each stage)."})
     test_samples: int = field(default=300, metadata={"help": "Held-out questions for the final accuracy."})
-    alignment_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 1."})
-    instruction_steps: int = field(default=1500, metadata={"help": "Optimizer steps of stage 2."})
-    batch_size: int = field(default=32, metadata={"help": "Samples per step."})
-    alignment_lr: float = field(default=2e-3, metadata={"help": "Learning rate of stage 1 (the projector)."})
-    instruction_lr: float = field(default=5e-4, metadata={"help": "Learning rate of stage 2."})
+    alignment_steps: int | None = field(default=None, metadata={"help": "Optimizer steps of stage 1."})
+    instruction_steps: int | None = field(default=None, metadata={"help": "Optimizer steps of stage 2."})
+    batch_size: int | None = field(default=None, metadata={"help": "Samples per step."})
+    alignment_lr: float | None = field(default=None, metadata={"help": "Learning rate of stage 1 (the projector)."})
+    instruction_lr: float | None = field(default=None, metadata={"help": "Learning rate of stage 2."})
     hidden_size: int = field(default=128, metadata={"help": "--foundation random: width of the language model."})
     num_layers: int = field(default=4, metadata={"help": "--foundation random: decoder layers of the language model."})
-    image_size: int = field(default=32, metadata={"help": "Image side in pixels (8-pixel patches with --foundation "
-                                                          "random; the pretrained models need 64)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "--foundation random: image side in pixels, 8-pixel patches (the pretrained models read "
+                          "64-pixel images in 4-pixel patches)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of data, weights and training."})
     dense: bool = field(default=False, metadata={"help": "Train without STS (sts_stage='none'), for comparison."})
+
+    def __post_init__(self):
+        if self.foundation not in RECIPES:
+            raise ValueError(f"foundation={self.foundation!r} is not valid; choose one of {list(RECIPES)}.")
+        pretrained = FoundationRecipe()
+        if self.foundation == "pretrained" and self.image_size not in (None, pretrained.image_size):
+            raise ValueError(f"--foundation pretrained reads {pretrained.image_size}-pixel images: leave --image_size "
+                             f"out (got {self.image_size}), or use --foundation random.")
+        for name, value in RECIPES[self.foundation].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def build_assets(demo: DemoArguments) -> dict[str, str]:
@@ -102,17 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Pretrained toy foundation models: built the first time (about 20 min), then cached under "
               f"{demo.foundation_cache} ...", flush=True)
         recipe = FoundationRecipe()
-        if demo.image_size != recipe.image_size:
-            raise ValueError(f"--foundation pretrained reads {recipe.image_size}-pixel images: give --image_size "
-                             f"{recipe.image_size} (got {demo.image_size}).")
         foundation = build_foundation(recipe, demo.foundation_cache)
         assets = {"language_model": foundation["language_model"], "vision_tower": foundation["vision_tower"],
                   "vision_feature_layer": -1}  # the encoder was pretrained on its last layer's patch tokens
         with open(foundation["report"]) as f:
             ceiling = json.load(f)["language_model"]["text_only_accuracy"]
-        image_size = recipe.image_size
     else:
-        assets, ceiling, image_size = build_assets(demo), None, demo.image_size
+        assets, ceiling = build_assets(demo), None
+    image_size = demo.image_size
     print(f"Writing the synthetic data under {data_dir} ...", flush=True)
     alignment_data = write_dataset(data_dir, demo.train_samples, "train", demo.seed, "alignment", image_size)
     instruction_data = write_dataset(data_dir, demo.train_samples, "train", demo.seed, "instruction", image_size)

@@ -1,7 +1,7 @@
 """Accuracy retention on a miniature LLaVA: pretrained toy foundation models, LLaVA's token profile, paired seeds.
 
     python -m sts_trainer.lab.experiment --output_dir accuracy_results   # 5 seeds: docs/accuracy.md; resumes
-    python -m sts_trainer.lab.experiment --quick --output_dir /tmp/acc    # a smoke run, about a minute; numbers meaningless
+    python -m sts_trainer.lab.experiment --quick --output_dir /tmp/acc    # a smoke run, ~1 min; numbers meaningless
 
 The testbed is LLaVA-1.5's setting in miniature. A frozen *pretrained* language model (it knows the world's language:
 it answers questions about a scene written in words, one word per image patch) and a frozen *pretrained* vision
@@ -55,6 +55,7 @@ from ..llava.data import IMAGE_TOKEN, PLAIN_TEMPLATE, DataArguments, to_messages
 from ..llava.evaluate import evaluate_model, read_questions
 from ..llava.metrics.vqa_accuracy import normalize_answer
 from ..llava.train import ModelArguments, run
+from .demo import RECIPES
 from .foundation import DEFAULT_CACHE, QUICK_RECIPE, FoundationRecipe, build_foundation
 from .synthetic import CATEGORIES, write_dataset
 
@@ -86,6 +87,7 @@ VARIANTS = (
     Variant("no alignment (control)", "skipped", "dense"),
 )
 COLUMNS = (*CATEGORIES, "overall", "retention", "flops_saved", "wall_clock_saved")
+RECIPE = RECIPES["pretrained"]  # the demo's recipe on the pretrained pair
 LLAVA_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "llava-1.5-7b.json"
 
 
@@ -96,15 +98,18 @@ class ExperimentArguments:
                                                     "initialisation and batch order."})
     quick: bool = field(default=False, metadata={"help": "A smoke run: the quick foundation models, tiny sizes, a "
                                                          "few steps, one seed."})
-    train_samples: int = field(default=4000, metadata={"help": "Training scenes per stage and seed."})
+    train_samples: int = field(default=RECIPE["train_samples"],
+                               metadata={"help": "Training scenes per stage and seed."})
     test_samples: int = field(default=1200, metadata={"help": "Held-out questions (the same for every run), in "
                                                               "equal parts per category."})
-    alignment_steps: int = field(default=100, metadata={"help": "Optimizer steps of stage 1."})
-    instruction_steps: int = field(default=150, metadata={"help": "Optimizer steps of stage 2."})
-    batch_size: int = field(default=16, metadata={"help": "Samples per optimizer step, both stages."})
-    alignment_lr: float = field(default=1e-3, metadata={"help": "Stage-1 learning rate (the projector's)."})
-    instruction_lr: float = field(default=2e-4, metadata={"help": "Stage-2 learning rate (projector and language "
-                                                                  "model)."})
+    alignment_steps: int = field(default=RECIPE["alignment_steps"], metadata={"help": "Optimizer steps of stage 1."})
+    instruction_steps: int = field(default=RECIPE["instruction_steps"],
+                                   metadata={"help": "Optimizer steps of stage 2."})
+    batch_size: int = field(default=RECIPE["batch_size"], metadata={"help": "Samples per optimizer step, both stages."})
+    alignment_lr: float = field(default=RECIPE["alignment_lr"],
+                                metadata={"help": "Stage-1 learning rate (the projector's)."})
+    instruction_lr: float = field(default=RECIPE["instruction_lr"],
+                                  metadata={"help": "Stage-2 learning rate (projector and language model)."})
     variants: str | None = field(
         default=None,
         metadata={"help": "Comma-separated variant names to run (default: all). The baseline is always run. A quick "
@@ -209,7 +214,8 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
         result = _done(os.path.join(output_dir, "result.json"))
         if result is None:
             # the control composes the model afresh: stage 2 starts from an untrained projector
-            init = compose if variant.stage1 == "skipped" else {"model_name_or_path": aligned(variant.stage1)["output_dir"]}
+            init = compose if variant.stage1 == "skipped" else {
+                "model_name_or_path": aligned(variant.stage1)["output_dir"]}
             stage2 = train("stage2", variant.name, STAGE2[variant.stage2], output_dir, **init)
             start = time.perf_counter()
             model = AutoModelForImageTextToText.from_pretrained(output_dir)

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -65,7 +66,8 @@ class FoundationRecipe:
     """What the two toy foundation models are and how they are pretrained. Every field is part of the cache key."""
 
     image_size: int = field(default=64, metadata={"help": "Image side in pixels."})
-    patch_size: int = field(default=4, metadata={"help": "Vision patch side: (image_size / patch_size)^2 visual tokens."})
+    patch_size: int = field(default=4, metadata={"help": "Vision patch side: (image_size / patch_size)^2 visual "
+                                                         "tokens."})
     vision_hidden_size: int = field(default=64, metadata={"help": "Width of the vision encoder."})
     vision_layers: int = field(default=3, metadata={"help": "Transformer layers of the vision encoder."})
     vision_steps: int = field(default=600, metadata={"help": "Pretraining steps of the vision encoder."})
@@ -139,12 +141,8 @@ def _train(model, loss_fn, batches, steps: int, learning_rate: float, desc: str)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{statistics_mean(losses[-50:]):.3f}")
+            bar.set_postfix(loss=f"{statistics.fmean(losses[-50:]):.3f}")
     return losses
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 # ---- the vision encoder -------------------------------------------------------------------------------------------
@@ -196,12 +194,13 @@ def _pixels(processor, scenes, image_size: int) -> torch.Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
-def _patch_targets(scenes, recipe: "FoundationRecipe") -> torch.Tensor:
+def _patch_targets(scenes, recipe: FoundationRecipe) -> torch.Tensor:
     return torch.tensor([[PATCH_WORDS.index(w) for w in patch_words(s, recipe.image_size, recipe.patch_size)]
                          for s in scenes])  # (N, patches)
 
 
-def pretrain_vision(recipe: FoundationRecipe, processor, vision_config: CLIPVisionConfig) -> tuple[CLIPVisionModel, dict]:
+def pretrain_vision(recipe: FoundationRecipe, processor,
+                    vision_config: CLIPVisionConfig) -> tuple[CLIPVisionModel, dict]:
     torch.manual_seed(recipe.seed)
     model = CLIPVisionModel(vision_config)
     grid = recipe.image_size // recipe.patch_size
@@ -242,7 +241,7 @@ def pretrain_vision(recipe: FoundationRecipe, processor, vision_config: CLIPVisi
     patch_truth = _patch_targets(held_out, recipe)
     covered = patch_truth > 0
     report = {
-        "final_loss": statistics_mean(losses[-20:]),
+        "final_loss": statistics.fmean(losses[-20:]),
         "held_out_scenes": len(held_out),
         "cell_color_accuracy": correct[:, :4].mean().item(),
         "cell_shape_accuracy": correct[:, 4:8].mean().item(),
@@ -287,7 +286,8 @@ def world_texts(processor, num: int, split: str, seed: int, scene_text: str = "c
 
 def _encode(tokenizer, texts: list[tuple[str, str]]) -> list[torch.Tensor]:
     """Token ids of prompt + completion + end of sequence (what the templates write after a reply)."""
-    full = [f"{prompt}{' ' if prompt.endswith(':') else ''}{completion}{tokenizer.eos_token}" for prompt, completion in texts]
+    full = [f"{prompt}{' ' if prompt.endswith(':') else ''}{completion}{tokenizer.eos_token}"
+            for prompt, completion in texts]
     return [torch.tensor(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
 
 
@@ -331,7 +331,7 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
             last = logits[torch.arange(len(rows)), lengths - 1]
             correct.append(last.argmax(-1) == answers[start : start + 64])
     report = {
-        "final_loss": statistics_mean(losses[-20:]),
+        "final_loss": statistics.fmean(losses[-20:]),
         "held_out_questions": len(held_out),
         "text_only_accuracy": torch.cat(correct).float().mean().item(),
     }
