@@ -30,7 +30,6 @@ from ..llava.train import ModelArguments, run
 from .foundation import DEFAULT_CACHE, FoundationRecipe, build_foundation
 from .synthetic import build_tokenizer_and_processor, tiny_llava_config_for, write_dataset
 
-
 # Each foundation's recipe: the pretrained pair's is the accuracy experiment's (docs/accuracy.md), the random pair's
 # needs far more instruction steps to learn the world from scratch.
 RECIPES = {
