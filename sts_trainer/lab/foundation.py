@@ -291,10 +291,18 @@ def _encode(tokenizer, texts: list[tuple[str, str]]) -> list[torch.Tensor]:
     return [torch.tensor(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
 
 
+def _pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and their attention mask, (B, T) each."""
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    return ids, mask
+
+
 def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) -> tuple[LlamaForCausalLM, dict]:
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(text_config)
     tokenizer = processor.tokenizer
+
     def texts(num, split):
         return world_texts(processor, num, split, recipe.seed, recipe.scene_text, recipe.image_size, recipe.patch_size)
 
@@ -305,9 +313,7 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
 
     def batches(step):
         start = (step * recipe.lm_batch_size) % len(sequences)
-        rows = [sequences[i] for i in order[start : start + recipe.lm_batch_size]]
-        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        ids, mask = _pad([sequences[i] for i in order[start : start + recipe.lm_batch_size]], pad)
         return ids, mask, ids.masked_fill(mask == 0, -100)
 
     def loss_fn(batch):
@@ -325,8 +331,7 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
         for start in range(0, len(prompts), 64):
             rows = prompts[start : start + 64]
             lengths = torch.tensor([len(r) for r in rows])
-            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
-            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+            ids, mask = _pad(rows, pad)
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V); right padding
             last = logits[torch.arange(len(rows)), lengths - 1]
             correct.append(last.argmax(-1) == answers[start : start + 64])
