@@ -6,9 +6,12 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .presets import load_preset
+
 STAGES = ("auto", "alignment", "instruction", "none")
 SWITCHES = ("auto", "on", "off")
-VTC_STRATEGIES = ("uniform", "random", "instruction")
+VTC_STRATEGIES = ("uniform", "random", "instruction", "diverse")
+VTC_KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
 VTC_POSITION_IDS = ("compact", "original")
 LDS_SCHEDULES = ("quadratic", "linear", "constant")
 _TRAINING_ARGUMENT_NAMES = {f.name for f in fields(TrainingArguments)}
@@ -60,8 +63,48 @@ class STSTrainingArguments(TrainingArguments):
         metadata={
             "help": "Which visual tokens VTC keeps. 'uniform': evenly spaced over the image's token grid "
             "(deterministic; best for OCR and counting). 'random': a new random subset every step. 'instruction': "
-            "the tokens most similar (cosine) to the mean embedding of the sample's instruction text.",
+            "the tokens most similar (cosine) to the mean embedding of the sample's instruction text. 'diverse': "
+            "greedy max-min (farthest-point) selection on the projector's output features, by cosine distance, as "
+            "DivPrune does: each kept token is the one farthest from those already kept.",
             "choices": list(VTC_STRATEGIES),
+        },
+    )
+    vtc_keep_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How the keep ratio moves over the stage's optimizer steps. 'constant': vtc_keep_ratio throughout. "
+            "'linear', 'cosine': from vtc_keep_ratio to vtc_keep_ratio_end over the first vtc_keep_schedule_fraction "
+            "of the stage, then vtc_keep_ratio_end. 'step': vtc_keep_ratio until that point, then vtc_keep_ratio_end. "
+            "A schedule that ends at 1.0 drops no visual token from that point on.",
+            "choices": list(VTC_KEEP_SCHEDULES),
+        },
+    )
+    vtc_keep_ratio_end: float = field(
+        default=1.0,
+        metadata={"help": "Keep ratio a non-constant vtc_keep_schedule ends at, in (0, 1]."},
+    )
+    vtc_keep_schedule_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the stage's optimizer steps, in (0, 1], over which a non-constant vtc_keep_schedule "
+            "moves from vtc_keep_ratio to vtc_keep_ratio_end (it reaches the end ratio at the last of those steps)."
+        },
+    )
+    vtc_full_token_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of optimizer steps, in [0, 1), that run with every visual token while VTC is on (every "
+            "micro-batch of a chosen step). Steps are drawn from a generator seeded from (seed, step): the same on "
+            "every rank and after resuming. The model then also trains on the full token set it sees at inference."
+        },
+    )
+    vtc_distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Self-distillation on full-token steps, >= 0 (0: off). The loss gains weight * KL(pruned || "
+            "full) on the answer tokens: the teacher is a no-grad forward of the same batch with the step's "
+            "compression, the student the full-token forward. The teacher's forward is counted in the FLOPs. "
+            "Without full-token steps (vtc_full_token_fraction 0) it has no effect, and the trainer warns."
         },
     )
     vtc_position_ids: str = field(
@@ -92,6 +135,16 @@ class STSTrainingArguments(TrainingArguments):
             "help": "How the LDS skip rate decays over the stage's optimizer steps e of E: 'quadratic' "
             "((E - e) / E)^2 (the paper's), 'linear' (E - e) / E, 'constant' 1.",
             "choices": list(LDS_SCHEDULES),
+        },
+    )
+
+    sts_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A recipe of STS options per stage: a preset's name ('sts_plus': see sts_trainer.presets and "
+            "configs/sts_plus.yaml) or the path of a YAML file with 'alignment' and 'instruction' sections. Once the "
+            "stage is known, the section for it sets every STS option still at its default; options given "
+            "explicitly win."
         },
     )
 
@@ -131,13 +184,23 @@ class STSTrainingArguments(TrainingArguments):
             ("sts_lds", SWITCHES),
             ("vtc_strategy", VTC_STRATEGIES),
             ("vtc_position_ids", VTC_POSITION_IDS),
+            ("vtc_keep_schedule", VTC_KEEP_SCHEDULES),
             ("lds_schedule", LDS_SCHEDULES),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}.")
-        if not 0.0 < self.vtc_keep_ratio <= 1.0:
-            raise ValueError(f"vtc_keep_ratio={self.vtc_keep_ratio} is out of range; it must be in (0, 1].")
+        for name in ("vtc_keep_ratio", "vtc_keep_ratio_end", "vtc_keep_schedule_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}={value} is out of range; it must be in (0, 1].")
+        if not 0.0 <= self.vtc_full_token_fraction < 1.0:
+            raise ValueError(
+                f"vtc_full_token_fraction={self.vtc_full_token_fraction} is out of range; it must be in [0, 1) "
+                "(1 would never compress: turn VTC off with sts_vtc='off' instead)."
+            )
+        if self.vtc_distill_weight < 0.0:
+            raise ValueError(f"vtc_distill_weight={self.vtc_distill_weight} is out of range; it must be >= 0.")
         for name in ("lds_alpha", "lds_epsilon"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -149,9 +212,30 @@ class STSTrainingArguments(TrainingArguments):
                     f"{name}={value!r} is not a module path; give attribute names joined by dots, as in "
                     "model.named_modules() (e.g. 'model.language_model.layers')."
                 )
+        if self.sts_preset is not None:
+            for stage, options in load_preset(self.sts_preset).items():
+                unknown = sorted(set(options) - set(PRESET_OPTION_NAMES))
+                if unknown:
+                    raise ValueError(
+                        f"sts_preset={self.sts_preset!r}: its '{stage}' section sets {', '.join(unknown)}, which a "
+                        f"recipe cannot set; it may set {', '.join(PRESET_OPTION_NAMES)}."
+                    )
         token = self.sts_image_token_id
         if token is not None and (isinstance(token, bool) or not isinstance(token, int) or token < 0):
             raise ValueError(f"sts_image_token_id={token!r} is not valid; it must be a non-negative integer token id.")
+
+    def for_stage(self, stage: str) -> "STSTrainingArguments":
+        """These arguments, or, with `sts_preset`, a copy where the preset's section for `stage` ('alignment' or
+        'instruction') sets every STS option still at its default."""
+        if self.sts_preset is None or stage not in ("alignment", "instruction"):
+            return self
+        defaults = {f.name: f.default for f in fields(STSTrainingArguments) if f.name in STS_OPTION_NAMES}
+        staged = copy.copy(self)
+        for name, value in load_preset(self.sts_preset)[stage].items():
+            if getattr(self, name) == defaults[name]:
+                setattr(staged, name, value)
+        staged.validate_sts()
+        return staged
 
     def sts_options(self) -> dict:
         """The STS options (the fields this class adds to `TrainingArguments`) and their values."""
@@ -176,3 +260,6 @@ class STSTrainingArguments(TrainingArguments):
 
 # The fields STSTrainingArguments adds to TrainingArguments, in their order.
 STS_OPTION_NAMES = tuple(f.name for f in fields(STSTrainingArguments) if f.name not in _TRAINING_ARGUMENT_NAMES)
+# What a recipe (`sts_preset`) may set: the components and their options, not the stage or the model's parts.
+PRESET_OPTION_NAMES = tuple(name for name in STS_OPTION_NAMES if name.startswith(("vtc_", "lds_")) or name in (
+    "sts_vtc", "sts_lds"))

@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import fields
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -78,6 +79,7 @@ class STSMixin:
         self._sts_report: SavingsReportCallback | None = None
         self._sts_forward_kwargs: dict = {}
         self._sts_last: tuple[tuple, float | None] | None = None  # the last micro-batch's shape and actual FLOPs
+        self._sts_distill_weight = 0.0
 
     def _sts_arguments(self, args):
         cls = self.sts_args_class
@@ -112,7 +114,7 @@ class STSMixin:
 
     def _install_sts(self, resume_from_checkpoint: str | None) -> None:
         plan = plan_sparsity(self.model, self.args)
-        args = self.args
+        args = plan.args  # the stage's options: `sts_preset`'s section applied
         if plan.lds and args.parallel_mode.value == "distributed" and not args.ddp_find_unused_parameters:
             raise ValueError(
                 "LDS is on but this trainer was created when the stage did not call for it, so DDP was set up "
@@ -128,8 +130,16 @@ class STSMixin:
             ignore = template_token_ids(self.processing_class) if args.vtc_strategy == "instruction" else None
             self._components["vtc"] = TokenCompressor(
                 plan.parts.image_token_id, args.vtc_keep_ratio, args.vtc_strategy, args.vtc_position_ids, args.seed,
-                facts=plan.parts.facts, query_ignore_ids=ignore,
+                facts=plan.parts.facts, query_ignore_ids=ignore, keep_schedule=args.vtc_keep_schedule,
+                keep_ratio_end=args.vtc_keep_ratio_end, schedule_fraction=args.vtc_keep_schedule_fraction,
+                full_token_fraction=args.vtc_full_token_fraction,
             )
+            self._sts_distill_weight = args.vtc_distill_weight
+            if args.vtc_distill_weight and not args.vtc_full_token_fraction:
+                logger.warning(
+                    f"STS: vtc_distill_weight={args.vtc_distill_weight} has no effect in the {plan.stage} stage: it "
+                    "distils on full-token steps, and vtc_full_token_fraction=0 gives none."
+                )
             self._components["vtc"].install(plan.parts.model)
         if plan.lds:
             self._components["lds"] = LayerSkipper(args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
@@ -154,7 +164,7 @@ class STSMixin:
             self._sts_forward_kwargs = {"use_cache": False} if takes else {}
         if plan.note:
             logger.warning(f"STS: {plan.note}")
-        (logger.warning if plan.not_sparsified else logger.info)(plan.describe(args))
+        (logger.warning if plan.not_sparsified else logger.info)(plan.describe())
 
     def _remove_sts(self) -> None:
         if self._sts_report is not None:
@@ -194,9 +204,43 @@ class STSMixin:
                 name: stack.enter_context(component.micro_batch(step, self._sts_micro_step, self.state.max_steps))
                 for name, component in self._components.items()
             }
-            result = super().compute_loss(model, {**inputs, **self._sts_forward_kwargs}, return_outputs, num_items_in_batch)
-        self._account(inputs, step, records.get("vtc"), records.get("lds"))
+            vtc = records.get("vtc")
+            inputs = {**inputs, **self._sts_forward_kwargs}
+            if vtc is not None and vtc.full_tokens and self._sts_distill_weight and inputs.get("labels") is not None:
+                result = self._distilled_loss(model, inputs, vtc, return_outputs, num_items_in_batch)
+            else:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._account(inputs, step, vtc, records.get("lds"))
         return result
+
+    def _distilled_loss(self, model, inputs, vtc: CompressionRecord, return_outputs, num_items_in_batch):
+        """A full-token step's loss plus `vtc_distill_weight` * KL(pruned || full) over the answer tokens.
+
+        The teacher is a no-grad forward of the same batch compressed at the step's keep ratio (same skipped layers:
+        LDS decides per micro-batch), the student the full-token forward. Both sequences hold the same answer tokens
+        in the same order (VTC drops unlabelled image tokens only), so their logits are paired by label position. The
+        sum over tokens is normalised like the language-model loss Trainer computes (by `num_items_in_batch` where
+        the model takes it, else per micro-batch)."""
+        with torch.no_grad(), self._components["vtc"].teacher_forward():
+            teacher = model(**inputs)
+        # a batch without images is not compressed: the teacher saw the student's sequence
+        teacher_labels = vtc.teacher_labels if vtc.teacher else inputs["labels"]
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        student_logits = outputs["logits"][:, :-1][inputs["labels"][:, 1:] != IGNORE_INDEX]  # (N, V)
+        teacher_logits = teacher["logits"][:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX]  # (N, V)
+        kl = F.kl_div(
+            F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+            log_target=True, reduction="sum",
+        )
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            kl = kl / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # as Trainer scales its loss
+                kl = kl * self.accelerator.num_processes
+        else:
+            kl = kl / max(1, student_logits.shape[0])
+        self._sts_metrics["vtc_distill_kl"].append(float(kl.detach()))
+        loss = loss + self._sts_distill_weight * kl.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
 
     def _account(self, inputs, step: int, vtc: CompressionRecord | None, lds: SkipRecord | None) -> None:
         """Add one micro-batch to the ledger and the metrics: what it would have cost densely, and what it cost."""
@@ -219,6 +263,8 @@ class STSMixin:
                 dense_flops=dense,
                 actual_flops=actual,
                 kept_fraction=kept,
+                keep_ratio=vtc.keep_ratio if vtc is not None else None,
+                full_tokens=vtc.full_tokens if vtc is not None else None,
                 skipped_fraction=lds.skipped_fraction if lds is not None else None,
                 skip_probabilities=lds.probabilities if lds is not None else None,
             )
@@ -229,6 +275,9 @@ class STSMixin:
             metrics["vtc_kept_fraction"].append(stats.kept_tokens / stats.visual_tokens)
             metrics["vtc_input_length_before"].append(stats.length_before)
             metrics["vtc_input_length_after"].append(stats.length_after)
+        if vtc is not None:
+            metrics["vtc_keep_ratio"].append(vtc.keep_ratio)
+            metrics["vtc_full_token_steps"].append(float(vtc.full_tokens))
         if lds is not None:
             metrics["lds_skipped_fraction"].append(lds.skipped_fraction)
             metrics["lds_skip_probability"].append(sum(lds.probabilities) / len(lds.probabilities))
@@ -253,7 +302,12 @@ class STSMixin:
         dense = micro_batch_flops(llm_length=length, **common)
         llm_length = vtc.llm_length if vtc is not None and vtc.llm_length is not None else length
         executed = lds.executed_layers if lds is not None else None
-        return dense, micro_batch_flops(llm_length=llm_length, executed_layers=executed, **common)
+        actual = micro_batch_flops(llm_length=llm_length, executed_layers=executed, **common)
+        for teacher in vtc.teacher if vtc is not None else ():  # self-distillation's pruned forward: no backward
+            frozen = {**common, "train_vision": False, "train_projector": False, "train_llm": False,
+                      "llm_adapter_weights_per_layer": 0.0}
+            actual += micro_batch_flops(llm_length=teacher.llm_length, executed_layers=executed, **frozen)
+        return dense, actual
 
     def floating_point_ops(self, inputs) -> int:
         """Actual FLOPs of the micro-batch just trained (kept tokens, executed layers), as the ledger counted them;

@@ -22,6 +22,8 @@ class MicroBatchRecord:
     dense_flops: float | None  # None when flops.py cannot count the model (see SavingsLedger.flops_not_counted)
     actual_flops: float | None
     kept_fraction: float | None = None  # VTC: kept / all visual tokens
+    keep_ratio: float | None = None  # VTC: the keep ratio its schedule gave this step
+    full_tokens: bool | None = None  # VTC: a full-token step (every visual token kept)
     skipped_fraction: float | None = None  # LDS: skipped / all decoder layers
     skip_probabilities: list[float] | None = None  # LDS: per layer
 
@@ -50,6 +52,8 @@ class SavingsLedger:
         actual = sum(r.actual_flops for r in self.records) if counted else None
         kept = [r.kept_fraction for r in self.records if r.kept_fraction is not None]
         skipped = [r.skipped_fraction for r in self.records if r.skipped_fraction is not None]
+        ratios = [r.keep_ratio for r in self.records if r.keep_ratio is not None]
+        full_steps = {r.step for r in self.records if r.full_tokens}
         return {
             "stage": self.stage,
             "sparsified": self.not_sparsified is None,
@@ -62,6 +66,8 @@ class SavingsLedger:
             "actual_flops": actual,
             "flops_saving": 1.0 - actual / dense if dense else (None if not counted else 0.0),
             "mean_kept_visual_fraction": sum(kept) / len(kept) if kept else None,
+            "mean_scheduled_keep_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "full_token_steps": len(full_steps) if ratios else None,
             "mean_skipped_layer_fraction": sum(skipped) / len(skipped) if skipped else None,
             "wall_clock_seconds": self.wall_clock_seconds,
         }
@@ -80,6 +86,11 @@ class SavingsLedger:
             lines.append(f"  training FLOPs not counted: {self.flops_not_counted}")
         if t["mean_kept_visual_fraction"] is not None:
             lines.append(f"  VTC kept {100 * t['mean_kept_visual_fraction']:.1f}% of visual tokens")
+        if t["mean_scheduled_keep_ratio"] is not None:
+            lines.append(
+                f"  VTC keep ratio {t['mean_scheduled_keep_ratio']:.3f} on average (schedule); "
+                f"{t['full_token_steps']} of {t['optimizer_steps']} steps with every token"
+            )
         if t["mean_skipped_layer_fraction"] is not None:
             lines.append(f"  LDS skipped {100 * t['mean_skipped_layer_fraction']:.1f}% of decoder-layer runs")
         if t["wall_clock_seconds"] is not None:
@@ -119,8 +130,14 @@ class SavingsLedger:
 
         kept = [r.kept_fraction for r in self.records]
         if any(k is not None for k in kept):
-            axes[1].plot(x, [k if k is not None else float("nan") for k in kept])
+            axes[1].plot(x, [k if k is not None else float("nan") for k in kept], label="kept fraction")
+            ratio = [r.keep_ratio if r.keep_ratio is not None else float("nan") for r in self.records]
+            axes[1].plot(x, ratio, "--", label="scheduled keep ratio")
+            full = [i for i, r in enumerate(self.records) if r.full_tokens]
+            if full:
+                axes[1].scatter(full, [1.0] * len(full), marker="|", color="C3", label="full-token step")
             axes[1].set_ylim(0, 1.05)
+            axes[1].legend(loc="lower right")
         else:
             axes[1].text(0.5, 0.5, "VTC off", ha="center", va="center", transform=axes[1].transAxes)
         axes[1].set_title("VTC kept fraction of visual tokens")

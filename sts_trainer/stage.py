@@ -18,17 +18,25 @@ class SparsityPlan:
     # Why STS leaves the run dense although it was not switched off: 'auto' on a model it cannot sparsify.
     not_sparsified: str | None = None
     note: str | None = None  # worth a warning: how the stage was detected, where that may surprise
+    args: object = None  # the arguments for this stage: `sts_preset`'s section applied (`for_stage`)
 
-    def describe(self, args) -> str:
+    def describe(self, args=None) -> str:
+        args = self.args if args is None else args
         if self.not_sparsified is not None:
             return f"STS: not sparsified: {self.not_sparsified}"
         parts = [f"stage={self.stage}"]
         if self.vtc:
             # M-RoPE models always keep the full sequence's positions (see architectures.py)
             positions = "original (M-RoPE)" if self.parts.facts.rope_index else args.vtc_position_ids
-            parts.append(
-                f"VTC on (keep_ratio={args.vtc_keep_ratio}, strategy={args.vtc_strategy}, position_ids={positions})"
-            )
+            keep = f"keep_ratio={args.vtc_keep_ratio}"
+            if args.vtc_keep_schedule != "constant":
+                keep += (f" -> {args.vtc_keep_ratio_end} ({args.vtc_keep_schedule} over "
+                         f"{args.vtc_keep_schedule_fraction:g} of the stage)")
+            if args.vtc_full_token_fraction:
+                keep += f", full-token steps {args.vtc_full_token_fraction:g}"
+                if args.vtc_distill_weight:
+                    keep += f" with self-distillation {args.vtc_distill_weight:g}"
+            parts.append(f"VTC on ({keep}, strategy={args.vtc_strategy}, position_ids={positions})")
         else:
             parts.append("VTC off")
         parts.append(
@@ -87,7 +95,7 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
     architecture error stands.
     """
     if args.sts_stage == "none" and args.sts_vtc != "on" and args.sts_lds != "on":
-        return SparsityPlan(stage="none", vtc=False, lds=False, parts=None)
+        return SparsityPlan(stage="none", vtc=False, lds=False, parts=None, args=args)
     try:
         parts = find_named_parts(model, args)
     except UnknownArchitectureError:
@@ -99,8 +107,9 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
             f"sts_trainer does not know the architecture {model_type!r} ({type(base).__name__}), so this run trains "
             f"as plain Trainer. To sparsify it, name its parts with {OVERRIDE_OPTIONS}."
         )
-        return SparsityPlan(stage="none", vtc=False, lds=False, parts=None, not_sparsified=reason)
+        return SparsityPlan(stage="none", vtc=False, lds=False, parts=None, not_sparsified=reason, args=args)
     stage, note = detect_stage(parts) if args.sts_stage == "auto" else (args.sts_stage, None)
+    args = args.for_stage(stage)
     vtc = args.sts_vtc == "on" or (args.sts_vtc == "auto" and stage == "alignment" and parts.is_multimodal)
     lds = args.sts_lds == "on" or (args.sts_lds == "auto" and stage == "instruction")
     if vtc and not parts.is_multimodal:
@@ -108,4 +117,4 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
             f"sts_vtc='on' but the model ({parts.model_type}) has no visual tokens to compress; "
             "use sts_vtc='auto' or 'off'."
         )
-    return SparsityPlan(stage=stage, vtc=vtc, lds=lds, parts=parts if (vtc or lds) else None, note=note)
+    return SparsityPlan(stage=stage, vtc=vtc, lds=lds, parts=parts if (vtc or lds) else None, note=note, args=args)

@@ -30,6 +30,7 @@ from .architectures import ARCHITECTURES, CUSTOM_VLM, get_path, vtc_facts
 from .layer_skip import decision_generator
 
 VTC_STREAM = 1  # the random strategy's stream of `decision_generator` (LDS's decisions use stream 0)
+FULL_TOKEN_STREAM = 2  # the stream that picks the full-token steps
 
 IGNORE_INDEX = -100
 # Per-token inputs besides ids, mask, labels and positions, shortened with the sequence (0 = text, also for padding):
@@ -51,6 +52,48 @@ def image_grids(config, vision_inputs: dict, sizes: list[int]) -> list[tuple[int
 def num_kept(n: int, keep_ratio: float) -> int:
     """Tokens kept of an image of `n` tokens: max(1, round(keep_ratio * n)), rounded half up."""
     return max(1, min(n, math.floor(keep_ratio * n + 0.5)))
+
+
+def keep_ratio_at(
+    step: int,
+    total_steps: int,
+    start: float,
+    end: float = 1.0,
+    schedule: str = "constant",
+    fraction: float = 1.0,
+) -> float:
+    """The keep ratio at optimizer step `step` (0-based) of `total_steps`.
+
+    The ratio moves from `start` to `end` over the first R = max(1, ceil(fraction * total_steps)) steps, reaching
+    `end` exactly at step R - 1 and keeping it after; with t = min(1, step / (R - 1)) (t = 1 when R = 1):
+
+        constant: start       linear: start + (end - start) t
+        cosine:   start + (end - start) (1 - cos(pi t)) / 2       step: start while t < 1, then end
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}.")
+    if schedule not in ("constant", "linear", "cosine", "step"):
+        raise ValueError(f"Unknown keep-ratio schedule {schedule!r}; choose constant, linear, cosine or step.")
+    if schedule == "constant":
+        return start
+    rise = max(1, math.ceil(fraction * total_steps))
+    t = 1.0 if rise == 1 else min(max(step / (rise - 1), 0.0), 1.0)
+    if t >= 1.0:
+        return end
+    if schedule == "linear":
+        return start + (end - start) * t
+    if schedule == "cosine":
+        return start + (end - start) * (1.0 - math.cos(math.pi * t)) / 2.0
+    return start  # 'step', before its end
+
+
+def is_full_token_step(seed: int, step: int, fraction: float) -> bool:
+    """Whether optimizer step `step` runs with every visual token: one draw per step from
+    `decision_generator(seed, step, 0, FULL_TOKEN_STREAM)`, below `fraction`. Every micro-batch of the step, on every
+    rank, and a resumed run get the same answer."""
+    if fraction <= 0.0:
+        return False
+    return bool(torch.rand(1, generator=decision_generator(seed, step, 0, FULL_TOKEN_STREAM)) < fraction)
 
 
 def _centers(n: int, k: int) -> torch.Tensor:
@@ -113,6 +156,46 @@ def instruction_indices(
         return uniform_indices(features.shape[0], k, grid)
     scores = F.cosine_similarity(features.detach().float(), query.detach().float()[None, :], dim=-1)  # (n,)
     return scores.topk(k).indices.sort().values.cpu()
+
+
+def diverse_indices(features: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """For each image's features (m_i, D), the `ks[i]` tokens chosen by greedy max-min diversity, ascending.
+
+    Cosine distance d(a, b) = 1 - cos(a, b). The first token is the one farthest from its nearest neighbour
+    (largest min_j d(i, j)); each next one is the token whose distance to the nearest token already chosen is largest
+    (farthest-point selection, as DivPrune solves the max-min diversity problem). All images are done at once: their
+    features are padded to the longest (padding is never chosen), and each of the max(ks) greedy steps is one batched
+    argmax over every image's tokens (greedy choices are a prefix: image i keeps the first ks[i]). No gradient.
+    """
+    if not features:
+        return []
+    m_max, k_max = max(f.shape[0] for f in features), max(ks)
+    device = features[0].device
+    with torch.no_grad():
+        padded = torch.zeros(len(features), m_max, features[0].shape[-1], device=device)  # (I, M, D)
+        valid = torch.zeros(len(features), m_max, dtype=torch.bool, device=device)  # (I, M)
+        for i, f in enumerate(features):
+            padded[i, : f.shape[0]] = F.normalize(f.detach().float(), dim=-1)
+            valid[i, : f.shape[0]] = True
+        distance = 1.0 - padded @ padded.transpose(1, 2)  # (I, M, M)
+        pair = valid[:, :, None] & valid[:, None, :]
+        pair &= ~torch.eye(m_max, dtype=torch.bool, device=device)
+        inf = torch.tensor(float("inf"), device=device)
+        # each token's distance to its nearest other token (inf when the image has one token)
+        nearest = torch.where(pair, distance, inf).min(dim=2).values  # (I, M)
+        score = torch.where(valid, nearest, -inf)  # what the next choice maximises
+        chosen = torch.empty(len(features), k_max, dtype=torch.long, device=device)
+        rows = torch.arange(len(features), device=device)
+        for j in range(k_max):
+            pick = score.argmax(dim=1)  # (I,)
+            chosen[:, j] = pick
+            if j == 0:
+                score = torch.where(valid, distance[rows, pick], -inf)  # distance to the chosen set
+            else:
+                score = torch.minimum(score, distance[rows, pick])
+            score[rows, pick] = -inf  # never chosen twice
+            score = torch.where(valid, score, -inf)
+    return [chosen[i, :k].sort().values.cpu() for i, k in enumerate(ks)]
 
 
 # Placeholder contents of the conversation `template_token_ids` renders: whatever is not inside them is the template's.
@@ -186,10 +269,16 @@ class CompressionStats:
 
 @dataclass
 class CompressionRecord:
-    """What VTC did in one training micro-batch (`TokenCompressor.micro_batch`): one entry per compressed forward,
-    normally one; none when the micro-batch had no images."""
+    """What VTC did in one training micro-batch (`TokenCompressor.micro_batch`): one entry per forward with images,
+    normally one; none when the micro-batch had no images. `keep_ratio` is the schedule's value at this step;
+    `full_tokens` marks a full-token step, whose forwards keep every token (`teacher` then holds the stats of the
+    no-grad pruned forward that self-distillation runs, `teacher_labels` that forward's labels)."""
 
+    keep_ratio: float = 1.0
+    full_tokens: bool = False
     forwards: list[CompressionStats] = field(default_factory=list)
+    teacher: list[CompressionStats] = field(default_factory=list)
+    teacher_labels: torch.Tensor | None = None
 
     @property
     def kept_fraction(self) -> float | None:
@@ -309,6 +398,7 @@ def compress_batch(
     `instruction` ranks an image's tokens against the mean embedding of its sequence's instruction: the tokens that
     are not image placeholders, padding, labelled (the answer), `pad_token_id` or in `query_ignore_ids` (chat
     template and special tokens, see `template_token_ids`), embedded by `embed_tokens` once for the whole batch.
+    `diverse` selects every image's tokens in one batched call of `diverse_indices`.
     `first_position` is the position of a sequence's first token, for 'original' positions built here.
     Right or left padding is kept as it was; rows that end up shorter than the longest are padded on the same side.
 
@@ -356,6 +446,16 @@ def compress_batch(
             text &= labels == IGNORE_INDEX  # the instruction, not the answer
         queries, query_tokens = _instruction_queries(input_ids, text, sequence, embed_tokens)  # (B, S, D), (B, S)
 
+    selectable_of = [
+        torch.arange(f.shape[0]) if keep_always is None else (~keep_always[i].cpu()).nonzero().squeeze(1)
+        for i, f in enumerate(image_features)
+    ]  # per image, the tokens the strategy chooses among
+    if strategy == "diverse":  # all images of the batch in one batched selection
+        diverse = diverse_indices(
+            [f[s.to(f.device)] for f, s in zip(image_features, selectable_of)],
+            [num_kept(s.numel(), keep_ratio) if s.numel() else 0 for s in selectable_of],
+        )
+
     keep = torch.ones_like(input_ids, dtype=torch.bool)  # (B, L)
     kept_features = []
     for sample, images in enumerate(assignment):
@@ -367,13 +467,15 @@ def compress_batch(
             features = image_features[image]  # (n, D)
             n = features.shape[0]
             fixed = torch.zeros(n, dtype=torch.bool) if keep_always is None else keep_always[image].cpu()
-            selectable = (~fixed).nonzero().squeeze(1)  # (m,) the tokens the strategy chooses among
+            selectable = selectable_of[image]  # (m,)
             m = selectable.numel()
             k = num_kept(m, keep_ratio) if m else 0
             if strategy == "uniform":
                 chosen = uniform_indices(m, k, grids[image])
             elif strategy == "random":
                 chosen = random_indices(m, k, generator)
+            elif strategy == "diverse":
+                chosen = diverse[image]
             else:
                 own = int(sequence[sample, positions[offset]])  # the packed sequence the image is in
                 query = queries[sample, own] if query_tokens[sample, own] else None
@@ -472,14 +574,21 @@ class TokenCompressor:
         seed: int = 0,
         facts: dict | None = None,
         query_ignore_ids: Collection[int] | None = None,
+        keep_schedule: str = "constant",
+        keep_ratio_end: float = 1.0,
+        schedule_fraction: float = 1.0,
+        full_token_fraction: float = 0.0,
     ):
         self.image_token_id = image_token_id
         self.keep_ratio, self.strategy, self.position_mode, self.seed = keep_ratio, strategy, position_mode, seed
+        self.keep_schedule, self.keep_ratio_end, self.schedule_fraction = keep_schedule, keep_ratio_end, schedule_fraction
+        self.full_token_fraction = full_token_fraction
         self.facts = facts
         self.query_ignore_ids = {image_token_id, *(query_ignore_ids or ())}
         self.model = None
         self.generator: torch.Generator | None = None  # the current micro-batch's, for the 'random' strategy
         self._record: CompressionRecord | None = None  # set while a micro-batch is open: the compressor is on
+        self._teacher = False  # inside `teacher_forward`: compress even on a full-token step
         self._handle = None
 
     def install(self, model) -> None:
@@ -500,20 +609,46 @@ class TokenCompressor:
 
     @contextlib.contextmanager
     def micro_batch(self, step: int, micro_step: int = 0, max_steps: int | None = None):
-        """Compress the training forwards run inside; yield the `CompressionRecord` they fill. `max_steps` is unused
-        (the keep ratio is constant): it is part of the component interface, which LDS's schedule needs."""
+        """Compress the training forwards run inside at the step's keep ratio (`keep_ratio_at`; `max_steps` is
+        needed by a non-constant schedule), or keep every token on a full-token step (`is_full_token_step`); yield
+        the `CompressionRecord` they fill."""
+        if self.keep_schedule != "constant" and not max_steps:
+            raise ValueError(f"vtc_keep_schedule={self.keep_schedule!r} needs the stage's number of optimizer steps.")
+        ratio = keep_ratio_at(
+            step, max_steps or 1, self.keep_ratio, self.keep_ratio_end, self.keep_schedule, self.schedule_fraction
+        )
+        full = is_full_token_step(self.seed, step, self.full_token_fraction)
         self.generator = decision_generator(self.seed, step, micro_step, VTC_STREAM)
-        self._record = record = CompressionRecord()
+        self._record = record = CompressionRecord(keep_ratio=ratio, full_tokens=full)
         try:
             yield record
         finally:
             self._record = None
 
+    @contextlib.contextmanager
+    def teacher_forward(self):
+        """Inside an open micro-batch of a full-token step: compress the forwards run inside at the step's keep
+        ratio all the same (self-distillation's pruned teacher), recording them in `record.teacher`."""
+        self._teacher = True
+        try:
+            yield
+        finally:
+            self._teacher = False
+
     def _compress(self, module, args, kwargs):
-        if self._record is None or kwargs.get("pixel_values") is None:
+        record = self._record
+        if record is None or kwargs.get("pixel_values") is None:
             return None
         if args or kwargs.get("input_ids") is None:
             raise ValueError("VTC needs the batch passed to the model as keyword arguments, with input_ids.")
+        if not self._teacher and (record.full_tokens or record.keep_ratio >= 1.0):
+            # every token kept: the model runs untouched, exactly as with VTC off; only the counts are recorded
+            visual = int((kwargs["input_ids"] == self.image_token_id).sum())
+            mask = kwargs.get("attention_mask")
+            batch, length = kwargs["input_ids"].shape
+            real = float(mask.sum()) / batch if mask is not None else float(length)
+            record.forwards.append(CompressionStats(visual, visual, real, real, length))
+            return None
         videos = [key for key in _VIDEO_INPUTS if kwargs.get(key) is not None]
         if videos:
             raise ValueError(
@@ -544,7 +679,7 @@ class TokenCompressor:
             kwargs,
             features,
             self.image_token_id,
-            self.keep_ratio,
+            record.keep_ratio,
             self.strategy,
             position_mode,
             embed_tokens=module.get_input_embeddings(),
@@ -567,7 +702,11 @@ class TokenCompressor:
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(kept)[None])}
         else:
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept)}
-        self._record.forwards.append(stats)
+        if self._teacher:
+            record.teacher.append(stats)
+            record.teacher_labels = kwargs.get("labels")
+        else:
+            record.forwards.append(stats)
         return args, kwargs
 
     def _image_features(self, module, vision_inputs: dict) -> list[torch.Tensor]:

@@ -35,6 +35,13 @@ def test_defaults(tmp_path):
         ("lds_alpha", 1.01),
         ("lds_epsilon", -1.0),
         ("lds_epsilon", 2.0),
+        ("vtc_keep_schedule", "exponential"),
+        ("vtc_keep_ratio_end", 0.0),
+        ("vtc_keep_schedule_fraction", 1.5),
+        ("vtc_full_token_fraction", 1.0),
+        ("vtc_full_token_fraction", -0.1),
+        ("vtc_distill_weight", -1.0),
+        ("sts_preset", "fastest"),
     ],
 )
 def test_bad_value_names_the_option(tmp_path, option, value):
@@ -42,7 +49,9 @@ def test_bad_value_names_the_option(tmp_path, option, value):
         make(tmp_path, **{option: value})
 
 
-@pytest.mark.parametrize("option, value", [("vtc_keep_ratio", 1.0), ("lds_alpha", 0.0), ("lds_alpha", 1.0), ("lds_epsilon", 0.0)])
+@pytest.mark.parametrize("option, value", [("vtc_keep_ratio", 1.0), ("lds_alpha", 0.0), ("lds_alpha", 1.0), ("lds_epsilon", 0.0),
+                                           ("vtc_full_token_fraction", 0.0), ("vtc_keep_schedule_fraction", 1.0),
+                                           ("vtc_strategy", "diverse"), ("sts_preset", "sts_plus")])
 def test_boundary_values_are_valid(tmp_path, option, value):
     assert getattr(make(tmp_path, **{option: value}), option) == value
 

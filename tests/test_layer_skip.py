@@ -373,6 +373,39 @@ def test_two_ranks_make_identical_decisions(tmp_path, launcher_name, extra):
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
+VTC_IN_INSTRUCTION = ["--sts_vtc", "on", "--vtc_keep_ratio", "0.25", "--vtc_full_token_fraction", "0.4"]
+
+
+def _expected_visual_tokens(steps):
+    """Image placeholders one rank's language model receives per step: 2 images of 16 tokens, 4 each when pruned."""
+    from sts_trainer.token_compression import is_full_token_step
+
+    return [32 if is_full_token_step(0, step, 0.4) else 8 for step in range(steps)]
+
+
+def test_full_token_steps_repeat_after_a_resume(tmp_path):
+    common = ["--max_steps", "6", "--save_steps", "3", *VTC_IN_INSTRUCTION]
+    assert run_script(tmp_path / "full", *common).returncode == 0
+    assert run_script(tmp_path / "resumed", *common, "--exit_at_step", "3").returncode == 3
+    resumed = run_script(tmp_path / "resumed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = read_records(tmp_path / "full" / "layers_rank0.jsonl")
+    assert [r["visual"] for r in uninterrupted] == _expected_visual_tokens(6)
+    assert len(set(_expected_visual_tokens(6))) == 2  # both kinds of step occur
+    assert read_records(tmp_path / "resumed" / "layers_rank0.jsonl") == uninterrupted
+
+
+def test_full_token_steps_and_skipped_layers_are_the_same_on_both_ranks(tmp_path):
+    launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                "--master_port", "29613"]
+    result = run_script(tmp_path, "--max_steps", "6", *VTC_IN_INSTRUCTION, launcher=launcher)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    rank0 = read_records(tmp_path / "layers_rank0.jsonl")
+    assert rank0 == read_records(tmp_path / "layers_rank1.jsonl")
+    assert [r["visual"] for r in rank0] == _expected_visual_tokens(6)
+    assert any(len(r["layers"]) < 4 for r in rank0)
+
+
 def test_load_best_model_at_end_restores_the_best_checkpoint(out_dir):
     from .helpers import tiny_dataset
 

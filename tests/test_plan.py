@@ -92,3 +92,58 @@ def test_text_only_model_is_refused(tmp_path):
     text_only.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="text-only"):
         main(["--model_config", str(tmp_path)])
+
+
+def _plan(*extra):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["--model_config", str(CONFIGS / "llava-1.5-7b.json"), *extra])
+    return out.getvalue()
+
+
+def test_the_sts_plus_recipe_saves_more_than_half_of_a_llava_run():
+    table = _plan("--sts_config", str(CONFIGS.parent / "sts_plus.yaml"))
+    last = table.strip().splitlines()[-1].split()
+    assert last[:2] == ["whole", "run"] and float(last[-1].rstrip("%")) >= 55.0
+    assert any(line.startswith("DualSpeed ") and line.endswith("%") for line in table.splitlines())
+    report = json.loads(_plan("--sts_config", "sts_plus", "--json"))
+    assert report["run"]["saving"] >= 0.55 and report["run"]["saving"] == pytest.approx(float(last[-1][:-1]) / 100, abs=5e-4)
+    instruction = report["stages"]["instruction"]
+    assert instruction["vtc"] and instruction["lds"] and instruction["full_token_fraction"] == 0.1
+    assert instruction["kept_visual_tokens_per_image"] == pytest.approx(0.9 * 58 + 0.1 * 576)  # 10% of 576 is 58
+    dualspeed = report["dualspeed"]["stages"]
+    assert dualspeed["alignment"]["saving"] == 0 and dualspeed["instruction"]["self_distillation"]
+    assert 0 < report["dualspeed"]["run"]["saving"] < report["run"]["saving"]
+
+
+def _instruction(tmp_path, name, **options):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"instruction": {"sts_vtc": "on", "sts_lds": "off", "vtc_keep_ratio": 0.1, **options}}))
+    return json.loads(_plan("--sts_config", str(path), "--json"))["stages"]["instruction"]
+
+
+def test_full_token_steps_and_self_distillation_are_priced(tmp_path):
+    from sts_trainer.flops import TrainingStep, step_flops
+    from sts_trainer.lab.plan import load_config as load
+
+    pruned = _instruction(tmp_path, "pruned")
+    full = _instruction(tmp_path, "full", vtc_full_token_fraction=0.1)
+    distilled = _instruction(tmp_path, "distilled", vtc_full_token_fraction=0.1, vtc_distill_weight=1.0)
+    assert pruned["saving"] > full["saving"] > distilled["saving"] > 0
+    # per sample: 90% pruned steps, 10% full steps plus a forward of the pruned sequence (no backward)
+    config = load(str(CONFIGS / "llava-1.5-7b.json"))
+    shape = TrainingStep(1, 256, 1, 576, train_projector=True, train_llm=True)
+    frozen = TrainingStep(1, 256, 1, 576)
+    expected = (0.9 * step_flops(config, shape, 58)["total"]
+                + 0.1 * (step_flops(config, shape)["total"] + step_flops(config, frozen, 58)["total"]))
+    assert distilled["sts_flops"]["total"] == pytest.approx(expected * distilled["samples"])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "step"])
+def test_a_keep_schedule_rising_to_one_is_priced_step_by_step(tmp_path, schedule):
+    constant = _instruction(tmp_path, "constant")
+    rising = _instruction(tmp_path, schedule, vtc_keep_schedule=schedule, vtc_keep_ratio_end=1.0,
+                          vtc_keep_schedule_fraction=0.5)
+    # half the stage rises from 0.1 to 1.0, the other half keeps every token
+    assert 0 < rising["saving"] < constant["saving"]
+    assert 0.5 * 58 < rising["kept_visual_tokens_per_image"] - 0.5 * 576 < 0.5 * 576

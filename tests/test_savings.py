@@ -53,3 +53,20 @@ def test_sparsity_off_keeps_trainers_flops_and_writes_no_report(out_dir):
     plain, _ = train(tiny_llava(), plain_training_args(out_dir + "-plain"), trainer_cls=Trainer)
     assert sts.state.total_flos == plain.state.total_flos > 0
     assert not os.path.exists(os.path.join(out_dir, "sts_savings.json"))
+
+
+def test_the_report_shows_the_keep_ratio_and_the_full_token_steps(tmp_path):
+    from sts_trainer.savings import MicroBatchRecord, SavingsLedger
+
+    ledger = SavingsLedger("instruction")
+    for step, (ratio, full) in enumerate([(0.1, False), (0.4, True), (0.7, False), (1.0, False)]):
+        for _ in range(2):  # two micro-batches per step
+            ledger.add(MicroBatchRecord(step, 10.0, 5.0, kept_fraction=1.0 if full else ratio, keep_ratio=ratio,
+                                        full_tokens=full))
+    totals = ledger.totals()
+    assert totals["mean_scheduled_keep_ratio"] == pytest.approx(0.55) and totals["full_token_steps"] == 1
+    assert "VTC keep ratio 0.550 on average (schedule); 1 of 4 steps with every token" in ledger.summary()
+    paths = ledger.write(str(tmp_path))
+    assert os.path.getsize(paths["plot"]) > 1000
+    assert SavingsLedger.from_dict(ledger.to_dict()).totals() == totals
+    assert SavingsLedger("alignment", [MicroBatchRecord(0, 1.0, 1.0)]).totals()["full_token_steps"] is None

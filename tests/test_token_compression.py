@@ -1,4 +1,7 @@
 
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,11 @@ from sts_trainer.layer_skip import decision_generator
 from sts_trainer.token_compression import (
     TokenCompressor,
     compress_batch,
+    diverse_indices,
     image_grids,
     instruction_indices,
+    is_full_token_step,
+    keep_ratio_at,
     num_kept,
     random_indices,
     template_token_ids,
@@ -220,7 +226,7 @@ def fake_features(batch, dim=8):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("strategy", ["uniform", "random", "instruction"])
+@pytest.mark.parametrize("strategy", ["uniform", "random", "instruction", "diverse"])
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25])
 def test_labels_and_text_stay_aligned(padding_side, strategy, ratio):
     batch, _ = make_batch(padding_side=padding_side)
@@ -625,3 +631,139 @@ def test_the_component_on_a_bare_model_without_a_trainer():
     assert len(record.forwards) == 1 and record.llm_length == short and record.kept_fraction == 0.25
     assert record.forwards[0].visual_tokens == sum(TOKENS_PER_IMAGE * (1 + i % 2) for i in range(4))
     assert len(model._forward_pre_hooks) == 0
+
+
+# ---- beyond the paper: keep-ratio schedules, full-token steps, diverse selection ---------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "step"])
+@pytest.mark.parametrize("total, fraction", [(7, 1.0), (100, 1.0), (100, 0.5), (10, 0.3), (5, 0.01)])
+def test_keep_ratio_schedules_reach_the_end_ratio_exactly(schedule, total, fraction):
+    values = [keep_ratio_at(step, total, 0.1, 1.0, schedule, fraction) for step in range(total)]
+    rise = max(1, math.ceil(fraction * total))
+    assert values[rise - 1 :] == [1.0] * (total - rise + 1)  # exactly 1.0 from the end of the rise on
+    if rise > 1:
+        assert values[0] == 0.1 and all(v < 1.0 for v in values[: rise - 1])
+        assert values == sorted(values)  # never falls
+    if schedule == "step":
+        assert set(values[: rise - 1]) <= {0.1}
+    if schedule == "linear" and rise > 2:
+        assert values[1] - values[0] == pytest.approx(0.9 / (rise - 1))
+    assert all(keep_ratio_at(step, total, 0.3, 1.0, "constant", fraction) == 0.3 for step in range(total))
+    with pytest.raises(ValueError, match="schedule"):
+        keep_ratio_at(0, total, 0.1, 1.0, "exponential", fraction)
+
+
+def test_full_token_steps_depend_on_seed_and_step_only():
+    steps = range(2000)
+    chosen = [is_full_token_step(0, step, 0.1) for step in steps]
+    torch.manual_seed(123)  # the global generator is not used
+    torch.rand(5)
+    assert chosen == [is_full_token_step(0, step, 0.1) for step in steps]
+    assert 0.08 < sum(chosen) / len(chosen) < 0.12
+    assert chosen != [is_full_token_step(1, step, 0.1) for step in steps]
+    assert not any(is_full_token_step(0, step, 0.0) for step in steps)
+    # a larger fraction adds steps and keeps the ones a smaller fraction chose (one uniform draw per step)
+    more = [is_full_token_step(0, step, 0.3) for step in steps]
+    assert all(m for c, m in zip(chosen, more) if c) and sum(more) > sum(chosen)
+
+
+def _angles(*degrees):
+    radians = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([radians.cos(), radians.sin()], dim=1).float()  # (n, 2)
+
+
+def _min_pairwise_distance(features, subset):
+    unit = F.normalize(features[list(subset)], dim=-1)
+    distance = 1 - unit @ unit.T
+    return float(distance[~torch.eye(len(subset), dtype=torch.bool)].min())
+
+
+def test_diverse_keeps_the_most_mutually_distant_tokens():
+    # four directions 90 degrees apart, and two near-copies of the first (3 and 6 degrees); scaled differently:
+    # cosine distance ignores the norm
+    features = _angles(0, 3, 90, 6, 180, 270) * torch.tensor([[1.0], [2.0], [0.5], [3.0], [1.0], [4.0]])
+    (chosen,) = diverse_indices([features], [4])
+    assert set(chosen.tolist()) in ({0, 2, 4, 5}, {1, 2, 4, 5}, {3, 2, 4, 5})  # one of the copies, and the others
+    assert chosen.tolist() == sorted(chosen.tolist())
+    best = max(_min_pairwise_distance(features, s) for s in itertools.combinations(range(6), 4))
+    assert _min_pairwise_distance(features, chosen.tolist()) == pytest.approx(best)
+    # k = 2: two opposite directions
+    (two,) = diverse_indices([features], [2])
+    assert _min_pairwise_distance(features, two.tolist()) == pytest.approx(2.0)
+
+
+def test_diverse_is_batched_over_images_of_different_sizes():
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(n, 8, generator=generator) for n in (16, 5, 1, 30, 16)]
+    ks = [num_kept(f.shape[0], 0.25) for f in features]
+    together = diverse_indices(features, ks)
+    alone = [diverse_indices([f], [k])[0] for f, k in zip(features, ks)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    for f, k, chosen in zip(features, ks, together):
+        assert len(chosen) == k == len(set(chosen.tolist())) and 0 <= chosen.min() and chosen.max() < f.shape[0]
+    # every token, when all are kept
+    assert diverse_indices([features[1]], [5])[0].tolist() == list(range(5))
+
+
+def _layer_widths(model):
+    widths = []
+    model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    return widths
+
+
+def test_a_full_token_step_or_a_schedule_at_one_leaves_the_forward_untouched():
+    samples = synthetic_samples(4, tiny_llava_config(), (1, 2), seed=3)
+    batch = collate(samples)
+    model = freeze_for_alignment(tiny_llava())
+    widths = _layer_widths(model)
+    full, short = batch["input_ids"].shape[1], max(expected_row_lengths(samples, 0.25))
+    with torch.no_grad():
+        reference = model(**batch).logits
+    full_step = next(step for step in range(100) if is_full_token_step(0, step, 0.5))
+    sparse_step = next(step for step in range(100) if not is_full_token_step(0, step, 0.5))
+    compressor = TokenCompressor(IMAGE_TOKEN_ID, keep_ratio=0.25, full_token_fraction=0.5)
+    compressor.install(model)
+    records, logits = [], []
+    for step in (full_step, sparse_step):
+        with torch.no_grad(), compressor.micro_batch(step) as record:
+            logits.append(model(**batch).logits)
+        records.append(record)
+    compressor.remove()
+    assert widths[1:] == [full, short]
+    assert torch.equal(logits[0], reference)  # the full-token step: bit-identical to VTC off
+    assert records[0].full_tokens and records[0].kept_fraction == 1.0 and records[0].llm_length == full
+    assert not records[1].full_tokens and records[1].kept_fraction == 0.25
+
+    # a linear schedule from 0.25 to 1.0 over 5 steps: short at the start, the dense forward exactly at the end
+    compressor = TokenCompressor(IMAGE_TOKEN_ID, keep_ratio=0.25, keep_schedule="linear", keep_ratio_end=1.0)
+    compressor.install(model)
+    widths.clear()
+    outputs = []
+    for step in (0, 4):
+        with torch.no_grad(), compressor.micro_batch(step, max_steps=5) as record:
+            outputs.append(model(**batch).logits)
+    compressor.remove()
+    assert widths == [short, full] and record.keep_ratio == 1.0
+    assert torch.equal(outputs[1], reference)  # bit-identical to VTC off
+    with pytest.raises(ValueError, match="number of optimizer steps"):
+        with TokenCompressor(IMAGE_TOKEN_ID, keep_schedule="cosine").micro_batch(0):
+            pass
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "diverse"])
+def test_a_schedule_ending_at_one_trains_its_last_steps_like_vtc_off(out_dir, strategy):
+    """Steps after the rise (here steps 2 and 3 of 4) run every token: with keep ratio 1.0 from step 0 the run is
+    bit-identical to a run without VTC."""
+    models = [freeze_for_alignment(tiny_llava(seed=2)) for _ in range(2)]
+    dataset = ListDataset(synthetic_samples(16, tiny_llava_config(), (1, 0, 2), seed=1))
+    _, dense = train(models[0], training_args(out_dir, sts_stage="none"), dataset)
+    trainer, sparse = train(
+        models[1],
+        training_args(out_dir, sts_stage="alignment", vtc_strategy=strategy, vtc_keep_ratio=1.0,
+                      vtc_keep_schedule="cosine", vtc_keep_ratio_end=1.0, vtc_keep_schedule_fraction=0.5),
+        dataset,
+    )
+    assert trainer.sts_plan.vtc and [log["vtc_keep_ratio"] for log in sparse.logs if "loss" in log] == [1.0] * 4
+    assert dense.losses == sparse.losses
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))

@@ -483,3 +483,77 @@ def test_under_vtc_labels_on_image_placeholders_are_cleared_in_every_micro_batch
     assert trainer.sts_plan.vtc and len(counts) == 4
     # num_items_in_batch: the labels left on the two micro-batches of each step, image placeholders excluded
     assert [n for _, n in counts] == [counts[0][0] + counts[1][0]] * 2 + [counts[2][0] + counts[3][0]] * 2
+
+
+# ---- beyond the paper: VTC and LDS composed in instruction tuning ----------------------------------------------------
+
+
+class LayerCalls:
+    """Per training forward: the width of the language model's input and which decoder layers ran, at what width."""
+
+    def __init__(self, model):
+        self.forwards = []
+        language_model = model.model.language_model
+        language_model.register_forward_pre_hook(self._start, with_kwargs=True)
+        for index, layer in enumerate(language_model.layers):
+            layer.register_forward_pre_hook(self._layer(index), with_kwargs=True)
+
+    def _start(self, module, args, kwargs):
+        if module.training:
+            self.forwards.append({"width": kwargs["inputs_embeds"].shape[1], "layers": {}, "grad": torch.is_grad_enabled()})
+
+    def _layer(self, index):
+        def hook(module, args, kwargs):
+            if module.training:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.forwards[-1]["layers"][index] = hidden.shape[1]
+
+        return hook
+
+
+def test_one_forward_with_vtc_and_lds_composed_shortens_the_sequence_and_skips_layers(out_dir):
+    model = tiny_llava()
+    dense_widths = []
+    model.register_forward_pre_hook(lambda m, a, kw: dense_widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    calls = LayerCalls(model)
+    args = training_args(out_dir, max_steps=4, sts_vtc="on", vtc_keep_ratio=0.25, lds_alpha=0.6, lds_epsilon=0.0,
+                         lds_schedule="constant")
+    trainer, recorder = train(model, args)
+    assert trainer.sts_plan.stage == "instruction" and trainer.sts_plan.vtc and trainer.sts_plan.lds
+    records = trainer.sts_ledger.records
+    assert len(calls.forwards) == len(records) == 4
+    for forward, dense, record in zip(calls.forwards, dense_widths, records):
+        assert forward["width"] == dense - 12  # 4 images, one per row: 12 of each 16 visual tokens dropped
+        assert set(forward["layers"].values()) <= {forward["width"]}  # every layer that ran saw the short sequence
+        assert len(forward["layers"]) == round(4 * (1 - record.skipped_fraction))
+        assert record.kept_fraction == 0.25 and 0 < record.actual_flops < record.dense_flops
+    assert any(len(f["layers"]) < 4 for f in calls.forwards)  # layers were skipped
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert all(log["vtc_kept_fraction"] == 0.25 and "lds_skipped_fraction" in log for log in logged)
+
+
+def _first_step_full_seed(fraction):
+    from sts_trainer.token_compression import is_full_token_step
+
+    return next(seed for seed in range(100) if is_full_token_step(seed, 0, fraction))
+
+
+def test_self_distillation_adds_the_kl_from_the_pruned_forward_and_is_counted(out_dir):
+    seed = _first_step_full_seed(0.5)
+    options = dict(max_steps=1, seed=seed, sts_vtc="on", sts_lds="off", vtc_keep_ratio=0.25,
+                   vtc_full_token_fraction=0.5)
+    plain_model, distilled_model = tiny_llava(seed=1), tiny_llava(seed=1)
+    calls = LayerCalls(distilled_model)
+    _, plain = train(plain_model, training_args(out_dir, **options))
+    trainer, distilled = train(distilled_model, training_args(out_dir, vtc_distill_weight=1.0, **options))
+    (plain_log,) = [log for log in plain.logs if "loss" in log]
+    (log,) = [log for log in distilled.logs if "loss" in log]
+    assert log["vtc_full_token_steps"] == 1.0 and log["vtc_kept_fraction"] == 1.0
+    # the same batch and weights: the loss grew by exactly the KL term, which is positive
+    assert log["vtc_distill_kl"] > 0
+    assert log["loss"] - plain_log["loss"] == pytest.approx(log["vtc_distill_kl"], rel=1e-3, abs=1e-4)
+    # two forwards: the no-grad pruned teacher, then the full-token student
+    teacher, student = calls.forwards
+    assert not teacher["grad"] and student["grad"] and teacher["width"] < student["width"]
+    (record,) = trainer.sts_ledger.records
+    assert record.full_tokens and record.dense_flops < record.actual_flops < 1.5 * record.dense_flops

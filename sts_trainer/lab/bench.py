@@ -13,7 +13,10 @@ Beside each STS row stands its oracle, plain `Trainer` on a model and data that 
 - VTC keep ratio r: images of a smaller size giving a square grid of about r * n visual tokens (the vision tower runs
   on the smaller image too, so the oracle is slightly better than anything that must encode the full image);
 - LDS: a model with only the decoder layers that ran. STS runs a different number of layers each step, so oracle models
-  of every depth are timed, and each STS step is compared with the oracle of the depth it actually ran.
+  of every depth are timed, and each STS step is compared with the oracle of the depth it actually ran;
+- VTC + LDS composed in instruction tuning (the beyond-the-paper step): both at once, oracle models of every depth on
+  the smaller image, each step against the depth it ran ('uniform' and 'diverse' selection side by side: the
+  difference is the cost of the diverse selection, also timed on its own and reported below the table).
 Efficiency = oracle time / STS time (1.0: STS costs nothing beyond the work it keeps); the work-adjusted efficiency
 divides out the FLOPs difference between a VTC row and its oracle (which encodes a smaller image).
 
@@ -37,7 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from ..arguments import STSTrainingArguments
 from ..flops import micro_batch_flops
-from ..token_compression import num_kept
+from ..token_compression import diverse_indices, num_kept, uniform_indices
 from ..trainer import STSTrainer
 from .tiny import collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
 
@@ -78,7 +81,8 @@ class Config:
     sts: dict | None  # STSTrainer options; None: plain Trainer
     image_size: int
     num_layers: int
-    oracle_of: str | None = None
+    oracle_of: str | None = None  # the row this one is the oracle of; 'LDS' / 'VTC+LDS': a depth oracle of that group
+    depth_oracles: str = "LDS"  # a row with LDS: the group of depth oracles its steps are compared with
     times: list[list[float]] = field(default_factory=list)  # per round, per measured step
     executed: list[list[int]] = field(default_factory=list)  # LDS: per round, layers run per measured step
     flops: tuple[float, float] | None = None  # (dense, actual) per step, mean over the measured steps
@@ -192,7 +196,38 @@ def build_configs(setup: Setup) -> list[Config]:
     configs.append(Config("instruction: LDS paper schedule (0.5, 0.5)", "instruction", {"sts_stage": "instruction"}, setup.image_size, L))
     for depth in range(1, L + 1):
         configs.append(Config(f"  oracle: {depth} layers", "instruction", None, setup.image_size, depth, oracle_of="LDS"))
+    ratio = COMPOSED_KEEP_RATIO
+    side = round(math.sqrt(num_kept(n, ratio)))
+    for strategy in ("uniform", "diverse"):
+        options = {"sts_stage": "instruction", "sts_vtc": "on", "vtc_keep_ratio": ratio, "vtc_strategy": strategy,
+                   "lds_alpha": 0.5, "lds_epsilon": 0.0, "lds_schedule": "constant"}
+        configs.append(Config(f"instruction: VTC {strategy} keep {ratio} + LDS fixed rate 0.5", "instruction",
+                              options, setup.image_size, L, depth_oracles="VTC+LDS"))
+    for depth in range(1, L + 1):
+        configs.append(Config(f"  oracle: {side * side} native visual tokens, {depth} layers", "instruction", None,
+                              side * setup.patch_size, depth, oracle_of="VTC+LDS"))
     return configs
+
+
+COMPOSED_KEEP_RATIO = 0.25
+
+
+def selection_cost(setup: Setup, repeats: int = 20) -> dict:
+    """Median time of choosing one step's visual tokens (the benchmark's batch of images, its visual tokens, its
+    projector width) with `diverse_indices` and with `uniform_indices`, in ms."""
+    n = (setup.image_size // setup.patch_size) ** 2
+    k = num_kept(n, COMPOSED_KEEP_RATIO)
+    features = [torch.randn(n, setup.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(setup.batch_size)]
+    timings = {}
+    for name, select in (("diverse", lambda: diverse_indices(features, [k] * len(features))),
+                         ("uniform", lambda: [uniform_indices(n, k) for _ in features])):
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            select()
+            runs.append(1000 * (time.perf_counter() - start))
+        timings[f"{name}_ms"] = statistics.median(runs)
+    return {"images": setup.batch_size, "visual_tokens": n, "kept": k, **timings}
 
 
 def _ratios(numerator: Config, denominator: Config) -> list[float]:
@@ -206,10 +241,10 @@ def _median_ratio(numerator: Config, denominator: Config) -> float:
 
 def summarize(setup: Setup, configs: list[Config]) -> list[dict]:
     by_name = {c.name: c for c in configs}
-    depth_oracles = {c.num_layers: c for c in configs if c.oracle_of == "LDS"}
+    depth_oracles = {group: {c.num_layers: c for c in configs if c.oracle_of == group} for group in ("LDS", "VTC+LDS")}
     rows = []
     for config in configs:
-        if config.oracle_of == "LDS":
+        if config.oracle_of in depth_oracles:
             continue
         baseline = by_name[f"{config.stage}: Trainer"]
         row = {
@@ -227,12 +262,14 @@ def summarize(setup: Setup, configs: list[Config]) -> list[dict]:
         if config.executed:  # LDS: each measured step against the oracle of the depth it ran
             ratios = []
             for r, (times, executed) in enumerate(zip(config.times, config.executed)):
-                oracle = sum(statistics.median(depth_oracles[e].times[r]) if e else 0.0 for e in executed)
+                group = depth_oracles[config.depth_oracles]
+                oracle = sum(statistics.median(group[e].times[r]) if e else 0.0 for e in executed)
                 base = statistics.median(baseline.times[r]) * len(times)
                 ratios.append((base / oracle if oracle else float("nan"), oracle / sum(times)))
             row["oracle_speedup"] = statistics.median(r[0] for r in ratios)
             row["efficiency"] = statistics.median(r[1] for r in ratios)
             row["mean_layers_run"] = statistics.mean(e for run in config.executed for e in run)
+            row["composed"] = config.depth_oracles == "VTC+LDS"
         rows.append(row)
     # VTC rows: their oracle is the next row
     for i, row in enumerate(rows):
@@ -248,10 +285,11 @@ def add_work_adjusted_efficiency(rows: list[dict]) -> list[dict]:
 
     A VTC oracle also encodes a smaller image and projects fewer tokens, work that any implementation compressing
     after the projector must still do; this column takes that out. LDS oracles run exactly STS's work, so there it
-    equals the efficiency.
+    equals the efficiency. A composed row's oracles both encode the smaller image and vary in depth step by step;
+    it has no work-adjusted figure (its plain efficiency is a lower bound).
     """
     for i, row in enumerate(rows):
-        if "efficiency" not in row:
+        if "efficiency" not in row or row.get("composed"):
             continue
         oracle = rows[i + 1] if i + 1 < len(rows) and rows[i + 1]["configuration"].startswith("  oracle") else None
         if oracle is not None:
@@ -261,7 +299,7 @@ def add_work_adjusted_efficiency(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], setup: Setup, machine: str) -> str:
+def markdown(rows: list[dict], setup: Setup, machine: str, selection: dict | None = None) -> str:
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
@@ -281,6 +319,10 @@ def markdown(rows: list[dict], setup: Setup, machine: str) -> str:
             f"| {fmt(r.get('flops_speedup'), '.3f')} | {fmt(r.get('efficiency'), '.3f')} "
             f"| {fmt(r.get('work_adjusted_efficiency'), '.3f')} | {fmt(r.get('memory_mb'), '.1f')} |"
         )
+    if selection is not None:
+        lines += ["", f"Token selection of one step ({selection['images']} images, {selection['kept']} of "
+                  f"{selection['visual_tokens']} tokens each): diverse {selection['diverse_ms']:.2f} ms, uniform "
+                  f"{selection['uniform_ms']:.2f} ms (medians)."]
     return "\n".join(lines)
 
 
@@ -295,7 +337,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cli.from_json:
         saved = json.load(open(cli.from_json))
         rows = add_work_adjusted_efficiency(saved["rows"])
-        print(markdown(rows, Setup(**saved["setup"]), saved["machine"]))
+        print(markdown(rows, Setup(**saved["setup"]), saved["machine"], saved.get("selection")))
         return rows
     setup = QUICK if cli.quick else Setup()
     if cli.rounds:
@@ -318,12 +360,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"round {r + 1}/{setup.rounds}: {time.perf_counter() - start:.0f} s", flush=True)
 
     rows = summarize(setup, configs)
+    selection = selection_cost(setup)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
     if torch.cuda.is_available():
         machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    table = markdown(rows, setup, machine)
+    table = markdown(rows, setup, machine, selection)
     with open(os.path.join(cli.out, "bench.json"), "w") as f:
-        json.dump({"setup": vars(setup), "machine": machine, "rows": rows}, f, indent=1)
+        json.dump({"setup": vars(setup), "machine": machine, "rows": rows, "selection": selection}, f, indent=1)
     with open(os.path.join(cli.out, "bench.md"), "w") as f:
         f.write(table + "\n")
     print(table)

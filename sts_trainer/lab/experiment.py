@@ -68,8 +68,20 @@ STAGE1 = {"dense": None} | {
     for strategy in ("uniform", "random", "instruction")
     for ratio in (0.5, 0.25)
 }
-# Stage-2 settings: dense, or LDS with the paper's defaults (STSTrainingArguments' lds_* defaults).
-STAGE2 = {"dense": None, "LDS": {}}
+# Stage-2 settings: dense, LDS with the paper's defaults (STSTrainingArguments' lds_* defaults), and the frontier
+# beyond the paper: VTC in instruction tuning ('VTC-I'), with full-token steps, composed with LDS, the preset.
+_VTC_I = {"sts_vtc": "on", "sts_lds": "off", "vtc_keep_ratio": 0.1}
+STAGE2 = {
+    "dense": None,
+    "LDS": {},
+    "VTC-I diverse 0.1": {**_VTC_I, "vtc_strategy": "diverse"},
+    "VTC-I diverse 0.1 + full 0.1": {**_VTC_I, "vtc_strategy": "diverse", "vtc_full_token_fraction": 0.1},
+    "VTC-I uniform 0.1 + full 0.1": {**_VTC_I, "vtc_strategy": "uniform", "vtc_full_token_fraction": 0.1},
+    "sts_plus": {"sts_preset": "sts_plus"},
+    "sts_plus keep 0.25": {"sts_preset": "sts_plus", "vtc_keep_ratio": 0.25},
+    "sts_plus + distillation": {"sts_preset": "sts_plus", "vtc_distill_weight": 1.0},
+    "sts_plus rising": {"sts_preset": "sts_plus", "vtc_keep_schedule": "cosine"},  # to 1.0 by the stage's end
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,11 @@ VARIANTS = (
     *(Variant(name, name, "dense") for name in STAGE1 if name != "dense"),
     Variant("LDS", "dense", "LDS"),
     Variant("STS (VTC uniform 0.5 + LDS)", "VTC uniform 0.5", "LDS"),
+    *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in list(STAGE2)[2:5]),
+    Variant("STS+ (preset sts_plus)", "VTC uniform 0.5", "sts_plus"),
+    Variant("STS+ keep 0.25 (sts_plus, vtc_keep_ratio 0.25)", "VTC uniform 0.5", "sts_plus keep 0.25"),
+    Variant("STS+ distillation (sts_plus, vtc_distill_weight 1)", "VTC uniform 0.5", "sts_plus + distillation"),
+    Variant("STS+ rising (sts_plus, keep ratio 0.1 to 1.0, cosine)", "VTC uniform 0.5", "sts_plus rising"),
     Variant("no alignment (control)", "skipped", "dense"),
 )
 COLUMNS = (*CATEGORIES, "overall", "retention", "flops_saved", "wall_clock_saved")

@@ -2,28 +2,44 @@
 
     python -m sts_trainer.lab.plan --model_config configs/models/llava-1.5-7b.json
     python -m sts_trainer.lab.plan --model_config configs/models/llava-1.5-13b.json --json
+    python -m sts_trainer.lab.plan --model_config configs/models/llava-1.5-7b.json --sts_config configs/sts_plus.yaml
 
 The model is read from its config alone (a directory holding config.json, or a config JSON file) and instantiated on
 the meta device to count parameters and check that sts_trainer knows its module paths: no weights are loaded. The
 run is LLaVA-1.5's recipe:
-- alignment: only the projector trains, VTC keeps `vtc_keep_ratio` of each image's tokens;
-- instruction tuning: the projector and the LLM train, LDS skips decoder layers with the expected rate over the stage.
-The vision tower is frozen in both. FLOPs are counted as in `sts_trainer.flops` (matmuls, forward + backward).
+- alignment: only the projector trains; by default VTC keeps `vtc_keep_ratio` of each image's tokens;
+- instruction tuning: the projector and the LLM train; by default LDS skips decoder layers with the expected rate
+  over the stage.
+The vision tower is frozen in both. `--sts_config` prices another recipe (a preset's name or a YAML file with
+'alignment' and 'instruction' sections, as the trainer's `sts_preset`): keep-ratio schedules, full-token steps and
+self-distillation's extra forward included. A last comparison prices DualSpeed's published setting the same way.
+FLOPs are counted as in `sts_trainer.flops` (matmuls, forward + backward), as expectations over the stage's steps.
 """
 
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, HfArgumentParser, PretrainedConfig
 
 from ..architectures import find_parts
-from ..arguments import LDS_SCHEDULES
-from ..flops import PARTS, TrainingStep, expected_executed_fraction, step_flops, visual_tokens_per_image
-from ..token_compression import num_kept
+from ..arguments import LDS_SCHEDULES, PRESET_OPTION_NAMES, STSTrainingArguments
+from ..flops import PARTS, TrainingStep, step_flops, visual_tokens_per_image
+from ..layer_skip import skip_probability
+from ..token_compression import keep_ratio_at, num_kept
+
+# DualSpeed (arXiv 2602.03815) as published for LLaVA-1.5: alignment dense; in instruction tuning 90% of the visual
+# tokens pruned after the projector by diversity (DivPrune), one step in ten with every token and self-distillation.
+DUALSPEED = {
+    "alignment": {"vtc": False, "lds": False},
+    "instruction": {"vtc": True, "lds": False, "vtc_strategy": "diverse", "vtc_keep_ratio": 0.1,
+                    "vtc_keep_schedule": "constant", "vtc_full_token_fraction": 0.1, "vtc_distill_weight": 1.0},
+}
 
 
 @dataclass
@@ -62,6 +78,11 @@ class PlanArguments:
         default=665_298,
         metadata={"help": "Samples of the instruction-tuning stage (LLaVA-1.5: llava_v1_5_mix665k, one epoch)."},
     )
+    alignment_batch_size: int = field(
+        default=256,
+        metadata={"help": "Global batch size of alignment (LLaVA-1.5: 256): the stage's number of optimizer steps, "
+                  "over which a keep-ratio schedule moves."},
+    )
     batch_size: int = field(
         default=128,
         metadata={"help": "Global batch size of instruction tuning (LLaVA-1.5: 128). It sets the stage's number of "
@@ -76,6 +97,12 @@ class PlanArguments:
         default="quadratic",
         metadata={"help": "How the LDS skip rate decays over the stage.", "choices": list(LDS_SCHEDULES)},
     )
+    sts_config: str | None = field(
+        default=None,
+        metadata={"help": "A recipe to price: a preset's name (sts_plus) or a YAML file with 'alignment' and "
+                  "'instruction' sections of STS options (configs/sts_plus.yaml), as the trainer's sts_preset. Its "
+                  "options win over the flags above still at their defaults."},
+    )
     json: bool = field(default=False, metadata={"help": "Print the plan as JSON instead of a table."})
 
     def __post_init__(self):
@@ -86,8 +113,10 @@ class PlanArguments:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; it must be in [0, 1].")
         if self.lds_schedule not in LDS_SCHEDULES:
             raise ValueError(f"lds_schedule={self.lds_schedule!r} is not valid; choose one of {LDS_SCHEDULES}.")
-        if min(self.alignment_samples, self.instruction_samples, self.batch_size) < 1:
-            raise ValueError("alignment_samples, instruction_samples and batch_size must be positive.")
+        if min(self.alignment_samples, self.instruction_samples, self.batch_size, self.alignment_batch_size) < 1:
+            raise ValueError(
+                "alignment_samples, instruction_samples, alignment_batch_size and batch_size must be positive."
+            )
 
 
 def load_config(path: str) -> PretrainedConfig:
@@ -116,56 +145,120 @@ def _scale(flops: dict[str, float], samples: int) -> dict[str, float]:
     return {part: value * samples for part, value in flops.items()}
 
 
-def _stage(dense: dict[str, float], sts: dict[str, float], samples: int, **details) -> dict:
-    dense, sts = _scale(dense, samples), _scale(sts, samples)
-    return {"samples": samples, **details, "dense_flops": dense, "sts_flops": sts,
-            "saving": 1.0 - sts["total"] / dense["total"]}
+def stage_options(args: PlanArguments, recipe: str | None, stage: str) -> dict:
+    """The STS options of one stage: the planner's flags, then `recipe`'s section for the stage (a preset's name or
+    a YAML file, as `sts_preset`) over those still at their defaults; as the trainer resolves them. Adds 'vtc' and
+    'lds': whether each component runs in the stage."""
+    with tempfile.TemporaryDirectory() as folder:
+        flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")}
+        staged = STSTrainingArguments(output_dir=folder, report_to="none", sts_preset=recipe, **flags).for_stage(stage)
+    options = {name: getattr(staged, name) for name in PRESET_OPTION_NAMES}
+    options["vtc"] = staged.sts_vtc == "on" or (staged.sts_vtc == "auto" and stage == "alignment")
+    options["lds"] = staged.sts_lds == "on" or (staged.sts_lds == "auto" and stage == "instruction")
+    return options
+
+
+def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: dict, seed: int = 0) -> dict:
+    """Dense and expected STS FLOPs of a stage of `samples` samples in `steps` optimizer steps of `shape` (per
+    sample), with `options` (`stage_options`).
+
+    Per step e: VTC keeps num_kept(n, keep_ratio_at(e)) tokens per image, except on full-token steps (an expected
+    fraction `vtc_full_token_fraction` of the steps), which keep all and, with self-distillation, add a forward
+    (no backward) of the pruned sequence; LDS runs sum_l (1 - p_l(e)) decoder layers. FLOPs are linear in the number
+    of executed layers, so pricing each kept count at the mean of its steps' executed layers is exact."""
+    num_layers = config.get_text_config().num_hidden_layers
+    visual = shape.visual_tokens_per_image
+    full = options["vtc_full_token_fraction"] if options["vtc"] else 0.0
+    by_kept: dict[int, list[float]] = defaultdict(list)  # kept tokens per image -> executed layers of its steps
+    for e in range(steps):
+        ratio = keep_ratio_at(e, steps, options["vtc_keep_ratio"], options["vtc_keep_ratio_end"],
+                              options["vtc_keep_schedule"], options["vtc_keep_schedule_fraction"])
+        kept = num_kept(visual, ratio) if options["vtc"] else visual
+        layers = num_layers
+        if options["lds"]:
+            layers -= sum(
+                skip_probability(e, steps, layer, num_layers, options["lds_alpha"], options["lds_epsilon"],
+                                 options["lds_schedule"])
+                for layer in range(num_layers)
+            )
+        by_kept[kept].append(layers)
+    forward_only = replace(shape, train_vision=False, train_projector=False, train_llm=False)
+    sts = dict.fromkeys((*PARTS, "total"), 0.0)
+    for kept, layers in by_kept.items():
+        mean_layers = sum(layers) / len(layers)
+        pruned = step_flops(config, shape, kept_visual_tokens_per_image=kept, executed_layers=mean_layers)
+        dense_tokens = step_flops(config, shape, executed_layers=mean_layers)
+        teacher = step_flops(config, forward_only, kept_visual_tokens_per_image=kept, executed_layers=mean_layers)
+        distill = 1.0 if options["vtc"] and options["vtc_distill_weight"] > 0 else 0.0
+        for part in sts:
+            per_step = (1 - full) * pruned[part] + full * (dense_tokens[part] + distill * teacher[part])
+            sts[part] += per_step * len(layers) / steps
+    all_layers = [layer for layers in by_kept.values() for layer in layers]
+    mean_kept = sum(kept * len(layers) for kept, layers in by_kept.items()) / steps
+    return {
+        "samples": samples,
+        "optimizer_steps": steps,
+        "vtc": options["vtc"],
+        "lds": options["lds"],
+        "kept_visual_tokens_per_image": mean_kept * (1 - full) + visual * full,
+        "full_token_fraction": full,
+        "self_distillation": bool(options["vtc"] and full and options["vtc_distill_weight"] > 0),
+        "executed_layer_fraction": sum(all_layers) / len(all_layers) / num_layers,
+        "dense_flops": _scale(step_flops(config, shape), samples),
+        "sts_flops": _scale(sts, samples),
+        "saving": 1.0 - sts["total"] / step_flops(config, shape)["total"],
+    }
+
+
+def _run(stages: dict) -> dict:
+    dense = {p: sum(s["dense_flops"][p] for s in stages.values()) for p in (*PARTS, "total")}
+    sts = {p: sum(s["sts_flops"][p] for s in stages.values()) for p in (*PARTS, "total")}
+    return {"dense_flops": dense, "sts_flops": sts, "saving": 1.0 - sts["total"] / dense["total"]}
 
 
 def plan(args: PlanArguments) -> dict:
-    """Dense and STS FLOPs of both stages and of the whole run, per part; see the module docstring."""
+    """Dense and STS FLOPs of both stages and of the whole run, per part, for the recipe `args.sts_config` (or the
+    flags), and the whole run under DualSpeed's published setting; see the module docstring."""
     config = load_config(args.model_config)
     if getattr(config, "vision_config", None) is None:
         raise ValueError(f"{args.model_config} is a text-only model ({config.model_type}); the planner plans the "
                          "two stages of a vision-language model.")
-    num_layers = config.get_text_config().num_hidden_layers
     visual = visual_tokens_per_image(config) if args.visual_tokens_per_image is None else args.visual_tokens_per_image
     # FLOPs per sample, from a step of one sample: step FLOPs are linear in the batch size (padding is in the text
     # token counts), so a stage costs samples x this whatever its batch size.
     images = args.images_per_sample
-    alignment = TrainingStep(1, args.alignment_text_tokens_per_sample, images, visual, train_projector=True)
-    instruction = TrainingStep(
-        1, args.instruction_text_tokens_per_sample, images, visual, train_projector=True, train_llm=True
-    )
-    kept = num_kept(visual, args.vtc_keep_ratio)
-    steps = math.ceil(args.instruction_samples / args.batch_size)
-    fraction = expected_executed_fraction(num_layers, steps, args.lds_alpha, args.lds_epsilon, args.lds_schedule)
-    stages = {
-        "alignment": _stage(
-            step_flops(config, alignment),
-            step_flops(config, alignment, kept_visual_tokens_per_image=kept),
-            args.alignment_samples,
-            kept_visual_tokens_per_image=kept,
-        ),
-        "instruction": _stage(
-            step_flops(config, instruction),
-            step_flops(config, instruction, executed_layers=fraction * num_layers),
-            args.instruction_samples,
-            optimizer_steps=steps,
-            executed_layer_fraction=fraction,
+    shapes = {
+        "alignment": TrainingStep(1, args.alignment_text_tokens_per_sample, images, visual, train_projector=True),
+        "instruction": TrainingStep(
+            1, args.instruction_text_tokens_per_sample, images, visual, train_projector=True, train_llm=True
         ),
     }
-    dense = {p: sum(s["dense_flops"][p] for s in stages.values()) for p in (*PARTS, "total")}
-    sts = {p: sum(s["sts_flops"][p] for s in stages.values()) for p in (*PARTS, "total")}
+    samples = {"alignment": args.alignment_samples, "instruction": args.instruction_samples}
+    steps = {
+        "alignment": math.ceil(args.alignment_samples / args.alignment_batch_size),
+        "instruction": math.ceil(args.instruction_samples / args.batch_size),
+    }
+
+    def price(recipe: str | dict | None) -> dict:
+        stages = {}
+        for stage in shapes:
+            options = recipe[stage] if isinstance(recipe, dict) else stage_options(args, recipe, stage)
+            stages[stage] = price_stage(config, shapes[stage], samples[stage], steps[stage], options)
+        return stages
+
+    stages = price(args.sts_config)
+    dualspeed = price({stage: {**stage_options(args, None, stage), **DUALSPEED[stage]} for stage in shapes})
     return {
         "model_config": args.model_config,
         "model_type": config.model_type,
+        "sts_config": args.sts_config,
         "parameters": count_parameters(config),
-        "decoder_layers": num_layers,
+        "decoder_layers": config.get_text_config().num_hidden_layers,
         "visual_tokens_per_image": visual,
         "options": {k: v for k, v in asdict(args).items() if k not in ("model_config", "json")},
         "stages": stages,
-        "run": {"dense_flops": dense, "sts_flops": sts, "saving": 1.0 - sts["total"] / dense["total"]},
+        "run": _run(stages),
+        "dualspeed": {"stages": dualspeed, "run": _run(dualspeed)},
     }
 
 
@@ -176,36 +269,58 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _describe(stage: dict, visual: int) -> str:
+    """What STS does in one priced stage, in words."""
+    parts = []
+    if stage["vtc"]:
+        vtc = f"VTC keeps {round(stage['kept_visual_tokens_per_image'], 1):g} of {visual} visual tokens per image (mean"
+        if stage["full_token_fraction"]:
+            vtc += f", full-token steps {stage['full_token_fraction']:.0%}"
+            vtc += " with self-distillation" if stage["self_distillation"] else ""
+        parts.append(vtc + ")")
+    if stage["lds"]:
+        parts.append(f"LDS runs {stage['executed_layer_fraction']:.1%} of decoder layers")
+    return "; ".join(parts) or "dense"
+
+
 def format_table(report: dict) -> str:
-    """The plan as plain-text tables (totals, then per part), FLOPs in one SI unit chosen by the largest number."""
+    """The plan as plain-text tables (per part, then totals with DualSpeed's run and the whole run last), FLOPs in
+    one SI unit chosen by the largest number."""
     exponent = min(21, 3 * int(math.log10(report["run"]["dense_flops"]["total"]) // 3))
     unit = {0: "", 3: "K", 6: "M", 9: "G", 12: "T", 15: "P", 18: "E", 21: "Z"}[max(exponent, 0)] + "FLOP"
     scale = 10.0 ** max(exponent, 0)
-    params, stages = report["parameters"], report["stages"]
+    params, stages, visual = report["parameters"], report["stages"], report["visual_tokens_per_image"]
     align, instr = stages["alignment"], stages["instruction"]
+    total_samples = align["samples"] + instr["samples"]
     rows = {  # label -> (samples, dense, sts)
         "alignment": (align["samples"], align["dense_flops"], align["sts_flops"]),
         "instruction": (instr["samples"], instr["dense_flops"], instr["sts_flops"]),
-        "whole run": (align["samples"] + instr["samples"], report["run"]["dense_flops"], report["run"]["sts_flops"]),
+        "whole run": (total_samples, report["run"]["dense_flops"], report["run"]["sts_flops"]),
     }
+    dualspeed = report["dualspeed"]
+    recipe = f"recipe {report['sts_config']}" if report["sts_config"] else "STS defaults"
     lines = [
-        f"STS plan for {report['model_config']} ({report['model_type']}, {report['decoder_layers']} decoder layers)",
+        f"STS plan for {report['model_config']} ({report['model_type']}, {report['decoder_layers']} decoder layers), "
+        f"{recipe}",
         f"parameters: {_count(params['total'])} = vision {_count(params['vision'])} + projector "
         f"{_count(params['projector'])} + language model {_count(params['language_model'])}",
-        f"alignment:   projector trains; VTC keeps {align['kept_visual_tokens_per_image']} of "
-        f"{report['visual_tokens_per_image']} visual tokens per image",
-        f"instruction: projector + LLM train; LDS runs {instr['executed_layer_fraction']:.1%} of decoder layers "
-        f"(expected, {instr['optimizer_steps']} optimizer steps)",
+        f"alignment:   projector trains; {_describe(align, visual)} ({align['optimizer_steps']} optimizer steps)",
+        f"instruction: projector + LLM train; {_describe(instr, visual)} ({instr['optimizer_steps']} optimizer steps)",
+        f"DualSpeed:   its published setting priced the same way: alignment dense; instruction "
+        f"{_describe(dualspeed['stages']['instruction'], visual)}",
         "",
-        f"{'stage':<12} {'samples':>10} {'dense ' + unit:>13} {'STS ' + unit:>13} {'saving':>7}",
+        f"{'per part (' + unit + ')':<18}" + "".join(f"{part:>12}" for part in PARTS),
     ]
-    for label, (samples, dense, sts) in rows.items():
-        lines.append(f"{label:<12} {samples:>10,} {dense['total'] / scale:>13.2f} {sts['total'] / scale:>13.2f} "
-                     f"{1 - sts['total'] / dense['total']:>7.1%}")
-    lines += ["", f"{'per part (' + unit + ')':<18}" + "".join(f"{part:>12}" for part in PARTS)]
     for label, (_, dense, sts) in rows.items():
         for kind, flops in (("dense", dense), ("STS", sts)):
             lines.append(f"{label + ' ' + kind:<18}" + "".join(f"{flops[part] / scale:>12.2f}" for part in PARTS))
+    lines += ["", f"{'stage':<12} {'samples':>10} {'dense ' + unit:>13} {'STS ' + unit:>13} {'saving':>7}"]
+    table = {**dict(list(rows.items())[:2]),
+             "DualSpeed": (total_samples, dualspeed["run"]["dense_flops"], dualspeed["run"]["sts_flops"]),
+             "whole run": rows["whole run"]}
+    for label, (samples, dense, sts) in table.items():
+        lines.append(f"{label:<12} {samples:>10,} {dense['total'] / scale:>13.2f} {sts['total'] / scale:>13.2f} "
+                     f"{1 - sts['total'] / dense['total']:>7.1%}")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 tests/distributed/train_tiny.py --out DIR
     deepspeed --num_gpus 2 tests/distributed/train_tiny.py --out DIR --deepspeed configs/zero3.json
 
-Writes DIR/layers_rank{R}.jsonl: one line per training forward, {"step", "layers": indices of the layers that ran}.
+Writes DIR/layers_rank{R}.jsonl: one line per training forward, {"step", "layers": indices of the layers that ran,
+"visual": image placeholders the language model received} (VTC in instruction tuning: --sts_vtc on).
 With --exit_at_step K the process dies (os._exit) right after the checkpoint of step K is written.
 """
 
@@ -46,6 +47,9 @@ def main():
     parser.add_argument("--lds_alpha", type=float, default=0.5)
     parser.add_argument("--lds_schedule", default="constant")
     parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument("--sts_vtc", default="auto")
+    parser.add_argument("--vtc_keep_ratio", type=float, default=0.5)
+    parser.add_argument("--vtc_full_token_fraction", type=float, default=0.0)
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -76,6 +80,9 @@ def main():
         sts_stage="instruction",
         lds_alpha=cli.lds_alpha,
         lds_schedule=cli.lds_schedule,
+        sts_vtc=cli.sts_vtc,
+        vtc_keep_ratio=cli.vtc_keep_ratio,
+        vtc_full_token_fraction=cli.vtc_full_token_fraction,
     )
     samples = synthetic_samples(64, tiny_llava_config(), (1,), seed=0)
     trainer = STSTrainer(
@@ -89,9 +96,10 @@ def main():
     records = open(os.path.join(cli.out, f"layers_rank{rank}.jsonl"), "a")
     current = {}
 
-    def start(module, args, kwargs):
+    def start(module, args, kwargs):  # on the LLaVA model, after VTC's hook on the model around it
         if module.training:
-            current["record"] = {"step": trainer.state.global_step, "layers": []}
+            visual = int((kwargs["input_ids"] == model.config.image_token_id).sum())
+            current["record"] = {"step": trainer.state.global_step, "layers": [], "visual": visual}
 
     def ran(index):
         def hook(module, args, kwargs):
@@ -106,7 +114,7 @@ def main():
             records.flush()
 
     language_model = model.model.language_model
-    language_model.register_forward_pre_hook(start, with_kwargs=True)
+    model.model.register_forward_pre_hook(start, with_kwargs=True)
     language_model.register_forward_hook(finish, with_kwargs=True)
     for i, layer in enumerate(language_model.layers):
         layer.register_forward_pre_hook(ran(i), with_kwargs=True)

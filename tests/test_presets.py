@@ -1,0 +1,80 @@
+"""Named recipes (`sts_preset`): the packaged preset, its YAML file, and how a stage's section is applied."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sts_trainer import STSTrainingArguments, plan_sparsity
+from sts_trainer.lab.tiny import freeze_for_alignment, tiny_llava
+from sts_trainer.presets import PRESETS, load_preset
+
+from .helpers import train, training_args
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def make(tmp_path, **kwargs):
+    return STSTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
+
+
+def test_the_recipe_file_holds_the_preset():
+    assert yaml.safe_load((CONFIGS / "sts_plus.yaml").read_text()) == PRESETS["sts_plus"]
+    assert load_preset(str(CONFIGS / "sts_plus.yaml")) == load_preset("sts_plus")
+
+
+def test_each_stage_gets_its_section_and_explicit_options_win(tmp_path):
+    args = make(tmp_path, sts_preset="sts_plus", vtc_full_token_fraction=0.2)
+    instruction, alignment = args.for_stage("instruction"), args.for_stage("alignment")
+    assert (instruction.sts_vtc, instruction.vtc_strategy, instruction.vtc_keep_ratio) == ("on", "diverse", 0.1)
+    assert instruction.vtc_full_token_fraction == 0.2  # given explicitly: the preset's 0.1 does not apply
+    assert (alignment.sts_vtc, alignment.vtc_strategy, alignment.vtc_keep_ratio) == ("auto", "uniform", 0.5)
+    assert args.vtc_keep_ratio == 0.5 and args.sts_vtc == "auto"  # the arguments themselves are unchanged
+    assert make(tmp_path).for_stage("instruction").sts_vtc == "auto"  # no preset: nothing changes
+
+
+def test_the_plan_of_each_stage_uses_the_preset(tmp_path):
+    args = make(tmp_path, sts_preset=str(CONFIGS / "sts_plus.yaml"))
+    aligned = plan_sparsity(freeze_for_alignment(tiny_llava()), args)
+    assert aligned.stage == "alignment" and aligned.vtc and not aligned.lds
+    assert aligned.args.vtc_keep_ratio == 0.5
+    tuned = plan_sparsity(tiny_llava(), args)
+    assert tuned.stage == "instruction" and tuned.vtc and tuned.lds
+    assert tuned.args.vtc_strategy == "diverse"
+    assert "strategy=diverse" in tuned.describe() and "full-token steps 0.1" in tuned.describe()
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ({"instruction": {"sts_stage": "alignment"}}, "sts_stage, which a recipe cannot set"),
+        ({"instruction": {"vtc_keep_ratioo": 0.2}}, "vtc_keep_ratioo"),
+        ({"finetune": {"vtc_keep_ratio": 0.2}}, "sections alignment, instruction only"),
+        ({"instruction": ["vtc_keep_ratio"]}, "'instruction' section must map"),
+    ],
+)
+def test_a_bad_recipe_file_names_what_is_wrong(tmp_path, recipe, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, sts_preset=str(path))
+
+
+def test_a_recipe_value_out_of_range_fails_when_its_stage_is_resolved(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"instruction": {"vtc_keep_ratio": 0.0}}))
+    args = make(tmp_path, sts_preset=str(path))
+    with pytest.raises(ValueError, match="vtc_keep_ratio=0.0 is out of range"):
+        args.for_stage("instruction")
+    with pytest.raises(FileNotFoundError, match="no recipe file"):
+        make(tmp_path, sts_preset=str(tmp_path / "missing.yaml"))
+
+
+def test_training_with_the_preset_composes_vtc_and_lds_in_instruction_tuning(out_dir):
+    trainer, recorder = train(tiny_llava(), training_args(out_dir, max_steps=3, sts_preset="sts_plus"))
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert trainer.sts_plan.vtc and trainer.sts_plan.lds
+    assert all(log["vtc_keep_ratio"] == 0.1 for log in logged)
+    assert all("lds_skipped_fraction" in log and "vtc_full_token_steps" in log for log in logged)
+    totals = trainer.sts_ledger.totals()
+    assert totals["mean_scheduled_keep_ratio"] == pytest.approx(0.1) and totals["flops_saving"] > 0
