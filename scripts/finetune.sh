@@ -4,6 +4,8 @@
 # train, the Layer Dynamic Skipper skips decoder layers with the paper's schedule (alpha 0.5, epsilon 0.5, quadratic
 # decay to dense at the end). LLaVA-1.5's hyperparameters: global batch 128 (8 GPUs x 16), lr 2e-5, 1 epoch, warmup
 # 3%, cosine. Data: llava_v1_5_mix665k.json with its image folders.
+# Beyond the paper: `bash scripts/finetune.sh --sts_preset sts_plus` adds VTC in the same forwards (the preset's
+# instruction section); it saves far more FLOPs and costs accuracy: see docs/accuracy.md before choosing it.
 set -euo pipefail
 DATA=${DATA:-./playground/data}
 STAGE1=${STAGE1:-./checkpoints/llava-v1.5-7b-sts-pretrain}

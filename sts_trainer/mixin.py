@@ -206,7 +206,8 @@ class STSMixin:
             }
             vtc = records.get("vtc")
             inputs = {**inputs, **self._sts_forward_kwargs}
-            if vtc is not None and vtc.full_tokens and self._sts_distill_weight and inputs.get("labels") is not None:
+            distill = vtc is not None and vtc.full_tokens and vtc.keep_ratio < 1.0 and self._sts_distill_weight
+            if distill and inputs.get("labels") is not None:
                 result = self._distilled_loss(model, inputs, vtc, return_outputs, num_items_in_batch)
             else:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -221,12 +222,13 @@ class STSMixin:
         in the same order (VTC drops unlabelled image tokens only), so their logits are paired by label position. The
         sum over tokens is normalised like the language-model loss Trainer computes (by `num_items_in_batch` where
         the model takes it, else per micro-batch)."""
+        labels = inputs["labels"]  # Trainer's compute_loss pops it from `inputs` under label smoothing
         with torch.no_grad(), self._components["vtc"].teacher_forward():
             teacher = model(**inputs)
         # a batch without images is not compressed: the teacher saw the student's sequence
-        teacher_labels = vtc.teacher_labels if vtc.teacher else inputs["labels"]
+        teacher_labels = vtc.teacher_labels if vtc.teacher else labels
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        student_logits = outputs["logits"][:, :-1][inputs["labels"][:, 1:] != IGNORE_INDEX]  # (N, V)
+        student_logits = outputs["logits"][:, :-1][labels[:, 1:] != IGNORE_INDEX]  # (N, V)
         teacher_logits = teacher["logits"][:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX]  # (N, V)
         kl = F.kl_div(
             F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),

@@ -1,4 +1,5 @@
-"""Visual Token Compressor (VTC): feed the language model a physically shorter sequence during alignment.
+"""Visual Token Compressor (VTC): feed the language model a physically shorter sequence during alignment (and,
+beyond the paper, in instruction tuning too).
 
 After the projector, each image's n visual tokens are reduced to k = max(1, round(keep_ratio * n)) (rounded half up),
 and the batch handed to the language model is rebuilt without the dropped ones: input ids, attention mask, labels,
@@ -9,6 +10,9 @@ model, as `inputs_embeds` built here), so gradients flow to the projector throug
 Packed (padding-free) batches, several sequences per row told apart by position ids that restart and no attention
 mask, stay packed: each sequence is shortened on its own and no attention mask is created (it would switch off
 transformers' detection of the packed sequences, see `find_packed_sequence_indices` in `transformers.masking_utils`).
+
+The keep ratio may follow a schedule over the stage (`keep_ratio_at`), and some optimizer steps may keep every token
+(`is_full_token_step`); a step that keeps every token leaves the forward untouched, exactly as with VTC off.
 
 What differs between architectures (which inputs feed the vision path, newline tokens, tiles, M-RoPE positions) is
 data in `architectures.ARCHITECTURES`, each image's token grid included; `TokenCompressor` reads it.

@@ -369,7 +369,7 @@ class InputProbe:
         ]
 
     def _embedded(self, module, args, output):
-        if module.training:
+        if module.training and args[0].dim() == 2:  # not the 'instruction' strategy's query, a flat list of tokens
             self.rows.append((args[0] != self.pad).sum(1).tolist())
 
     def _layer(self, module, args, kwargs):
@@ -443,6 +443,34 @@ def test_lds_never_runs_a_layer_with_probability_one(model_type, out_dir):
     assert trainer.sts_plan.stage == "instruction" and trainer.sts_plan.lds and not trainer.sts_plan.vtc
     assert calls[0] == 2 and calls[2] == calls[3] == 0
     assert all(0.5 <= log["lds_skipped_fraction"] <= 0.75 for log in recorder.logs if "loss" in log)
+    assert_reloads_in_plain_transformers(model, out_dir)
+
+
+@pytest.mark.parametrize(
+    "model_type, strategy",
+    [(t, ("uniform", "random", "instruction", "diverse")[i % 4]) for i, t in enumerate(VLMS)]
+    + [("llava", s) for s in ("random", "instruction", "diverse")],  # every strategy on LLaVA itself
+)
+def test_vtc_and_lds_composed_in_instruction_tuning(model_type, strategy, out_dir):
+    arch = ARCHS[model_type]
+    model = arch.model()
+    samples = arch.samples()
+    probe = InputProbe(model)
+    layers = find_parts(model).layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda module, args, _i=i: calls.__setitem__(_i, calls[_i] + module.training))
+    # skip probabilities 0, 2/3, 1, 1 over the 4 layers (as above), and VTC in the same forwards
+    args = args_for(out_dir, sts_vtc="on", vtc_keep_ratio=KEEP, vtc_strategy=strategy, lds_alpha=1.0,
+                    lds_epsilon=1.0, lds_schedule="constant")
+    trainer, recorder = train(arch, model, args, samples=samples)
+    probe.remove()
+    assert trainer.sts_plan.stage == "instruction" and trainer.sts_plan.vtc and trainer.sts_plan.lds
+    assert sorted(sum(probe.rows, [])) == sorted(arch.expected_row_lengths(samples))
+    assert probe.layer0 == [max(rows) for rows in probe.rows]
+    assert calls[0] == 2 and calls[2] == calls[3] == 0
+    assert all(log["vtc_keep_ratio"] == KEEP and log["lds_skipped_fraction"] >= 0.5
+               for log in recorder.logs if "loss" in log)
     assert_reloads_in_plain_transformers(model, out_dir)
 
 

@@ -26,7 +26,7 @@ def test_the_recipe_file_holds_the_preset():
 def test_each_stage_gets_its_section_and_explicit_options_win(tmp_path):
     args = make(tmp_path, sts_preset="sts_plus", vtc_full_token_fraction=0.2)
     instruction, alignment = args.for_stage("instruction"), args.for_stage("alignment")
-    assert (instruction.sts_vtc, instruction.vtc_strategy, instruction.vtc_keep_ratio) == ("on", "diverse", 0.1)
+    assert (instruction.sts_vtc, instruction.vtc_strategy, instruction.vtc_keep_ratio) == ("on", "uniform", 0.15)
     assert instruction.vtc_full_token_fraction == 0.2  # given explicitly: the preset's 0.1 does not apply
     assert (alignment.sts_vtc, alignment.vtc_strategy, alignment.vtc_keep_ratio) == ("auto", "uniform", 0.5)
     assert args.vtc_keep_ratio == 0.5 and args.sts_vtc == "auto"  # the arguments themselves are unchanged
@@ -40,8 +40,8 @@ def test_the_plan_of_each_stage_uses_the_preset(tmp_path):
     assert aligned.args.vtc_keep_ratio == 0.5
     tuned = plan_sparsity(tiny_llava(), args)
     assert tuned.stage == "instruction" and tuned.vtc and tuned.lds
-    assert tuned.args.vtc_strategy == "diverse"
-    assert "strategy=diverse" in tuned.describe() and "full-token steps 0.1" in tuned.describe()
+    assert tuned.args.vtc_keep_ratio == 0.15
+    assert "keep_ratio=0.15, full-token steps 0.1" in tuned.describe()
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,18 @@ def test_training_with_the_preset_composes_vtc_and_lds_in_instruction_tuning(out
     trainer, recorder = train(tiny_llava(), training_args(out_dir, max_steps=3, sts_preset="sts_plus"))
     logged = [log for log in recorder.logs if "loss" in log]
     assert trainer.sts_plan.vtc and trainer.sts_plan.lds
-    assert all(log["vtc_keep_ratio"] == 0.1 for log in logged)
+    assert all(log["vtc_keep_ratio"] == 0.15 for log in logged)
     assert all("lds_skipped_fraction" in log and "vtc_full_token_steps" in log for log in logged)
     totals = trainer.sts_ledger.totals()
-    assert totals["mean_scheduled_keep_ratio"] == pytest.approx(0.1) and totals["flops_saving"] > 0
+    assert totals["mean_scheduled_keep_ratio"] == pytest.approx(0.15) and totals["flops_saving"] > 0
+
+
+def test_the_preset_is_the_experiments_chosen_setting():
+    """docs/accuracy.md reports the preset's accuracy as this experiment variant's."""
+    from sts_trainer.lab.experiment import STAGE1, STAGE2
+
+    preset = PRESETS["sts_plus"]
+    instruction = dict(preset["instruction"])
+    assert instruction.pop("lds_alpha") == STSTrainingArguments.lds_alpha  # the default the variant runs with
+    assert STAGE2["VTC-I uniform 0.15 + full 0.1 + LDS"] == instruction
+    assert STAGE1["VTC uniform 0.5"] == preset["alignment"]

@@ -563,6 +563,9 @@ def test_keep_ratio_one_gives_the_losses_of_training_without_vtc(out_dir, strate
         dataset,
     )
     assert trainer.sts_plan.vtc and all(log["vtc_kept_fraction"] == 1.0 for log in sparse.logs if "loss" in log)
+    # every token reached the language model
+    seen = sorted(sum((r["row_lengths"] for r in probe.records if r["training"]), []))
+    assert seen == sorted(len(s["input_ids"]) for s in dataset.samples)
     assert dense.losses == sparse.losses
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
 

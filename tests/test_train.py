@@ -167,8 +167,18 @@ def test_truncation_through_image_tokens_is_named(world, stage1, tmp_path):
         main([*args, "--model_max_length", "10", *common(tmp_path, steps=1)])
 
 
-@pytest.mark.parametrize("zero, stage", [("zero2", "alignment"), ("zero3", "alignment"), ("zero3", "instruction")])
-def test_two_processes_with_the_deepspeed_launcher(world, stage1, tmp_path, zero, stage):
+# The last: the sts_plus recipe (VTC and LDS composed in instruction tuning), with full-token steps and
+# self-distillation's extra no-grad forward, under ZeRO-3.
+STS_PLUS = ["--sts_preset", "sts_plus", "--vtc_full_token_fraction", "0.5", "--vtc_distill_weight", "1.0"]
+
+
+@pytest.mark.parametrize(
+    "zero, stage, extra",
+    [("zero2", "alignment", []), ("zero3", "alignment", []), ("zero3", "instruction", []),
+     ("zero3", "instruction", STS_PLUS)],
+    ids=["zero2-alignment", "zero3-alignment", "zero3-instruction", "zero3-sts_plus"],
+)
+def test_two_processes_with_the_deepspeed_launcher(world, stage1, tmp_path, zero, stage, extra):
     if stage == "alignment":  # composing a new model under ZeRO-3 too
         model = ["--language_model", world["language_model"], "--vision_tower", world["vision_tower"]]
     else:
@@ -176,12 +186,16 @@ def test_two_processes_with_the_deepspeed_launcher(world, stage1, tmp_path, zero
     out = tmp_path / "out"
     command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29631",
                "--module", "sts_trainer.llava.train", *model, "--training_stage", stage, *data(world, stage),
-               "--deepspeed", os.path.join(ROOT, "configs", f"{zero}.json"), *common(out, steps=3)]
+               "--deepspeed", os.path.join(ROOT, "configs", f"{zero}.json"), *common(out, steps=3), *extra]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     summary = json.loads((out / "sts_train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["sts"]["stage"] == stage and summary["world_size"] == 2
+    if extra:
+        totals = summary["sts"]
+        assert totals["mean_scheduled_keep_ratio"] == pytest.approx(0.15) and totals["full_token_steps"] >= 1
+        assert totals["mean_skipped_layer_fraction"] is not None
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.lm_head.weight.shape[0] == len(AutoProcessor.from_pretrained(out).tokenizer)
     if stage == "alignment":

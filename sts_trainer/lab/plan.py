@@ -36,8 +36,8 @@ from ..token_compression import keep_ratio_at, num_kept
 # DualSpeed (arXiv 2602.03815) as published for LLaVA-1.5: alignment dense; in instruction tuning 90% of the visual
 # tokens pruned after the projector by diversity (DivPrune), one step in ten with every token and self-distillation.
 DUALSPEED = {
-    "alignment": {"vtc": False, "lds": False},
-    "instruction": {"vtc": True, "lds": False, "vtc_strategy": "diverse", "vtc_keep_ratio": 0.1,
+    "alignment": {"sts_vtc": "off", "sts_lds": "off"},
+    "instruction": {"sts_vtc": "on", "sts_lds": "off", "vtc_strategy": "diverse", "vtc_keep_ratio": 0.1,
                     "vtc_keep_schedule": "constant", "vtc_full_token_fraction": 0.1, "vtc_distill_weight": 1.0},
 }
 
@@ -145,11 +145,15 @@ def _scale(flops: dict[str, float], samples: int) -> dict[str, float]:
     return {part: value * samples for part, value in flops.items()}
 
 
-def stage_options(args: PlanArguments, recipe: str | None, stage: str) -> dict:
-    """The STS options of one stage: the planner's flags, then `recipe`'s section for the stage (a preset's name or
-    a YAML file, as `sts_preset`) over those still at their defaults; as the trainer resolves them. Adds 'vtc' and
-    'lds': whether each component runs in the stage."""
+def stage_options(args: PlanArguments, recipe: str | dict | None, stage: str) -> dict:
+    """The STS options of one stage: the planner's flags, then `recipe`'s section for the stage (a preset's name, a
+    YAML file, as `sts_preset`, or the same as a dict) over those still at their defaults; as the trainer resolves
+    them. Adds 'vtc' and 'lds': whether each component runs in the stage."""
     with tempfile.TemporaryDirectory() as folder:
+        if isinstance(recipe, dict):
+            path = Path(folder) / "recipe.yaml"
+            path.write_text(json.dumps(recipe))  # JSON is YAML
+            recipe = str(path)
         flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")}
         staged = STSTrainingArguments(output_dir=folder, report_to="none", sts_preset=recipe, **flags).for_stage(stage)
     options = {name: getattr(staged, name) for name in PRESET_OPTION_NAMES}
@@ -158,7 +162,7 @@ def stage_options(args: PlanArguments, recipe: str | None, stage: str) -> dict:
     return options
 
 
-def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: dict, seed: int = 0) -> dict:
+def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: dict) -> dict:
     """Dense and expected STS FLOPs of a stage of `samples` samples in `steps` optimizer steps of `shape` (per
     sample), with `options` (`stage_options`).
 
@@ -189,7 +193,8 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
         pruned = step_flops(config, shape, kept_visual_tokens_per_image=kept, executed_layers=mean_layers)
         dense_tokens = step_flops(config, shape, executed_layers=mean_layers)
         teacher = step_flops(config, forward_only, kept_visual_tokens_per_image=kept, executed_layers=mean_layers)
-        distill = 1.0 if options["vtc"] and options["vtc_distill_weight"] > 0 else 0.0
+        # the trainer distils only where the step's keep ratio drops tokens
+        distill = 1.0 if options["vtc"] and options["vtc_distill_weight"] > 0 and kept < visual else 0.0
         for part in sts:
             per_step = (1 - full) * pruned[part] + full * (dense_tokens[part] + distill * teacher[part])
             sts[part] += per_step * len(layers) / steps
@@ -216,9 +221,9 @@ def _run(stages: dict) -> dict:
     return {"dense_flops": dense, "sts_flops": sts, "saving": 1.0 - sts["total"] / dense["total"]}
 
 
-def plan(args: PlanArguments) -> dict:
-    """Dense and STS FLOPs of both stages and of the whole run, per part, for the recipe `args.sts_config` (or the
-    flags), and the whole run under DualSpeed's published setting; see the module docstring."""
+def price_run(args: PlanArguments, recipe: str | dict | None) -> dict:
+    """Both stages and the whole run priced for `recipe` (see `stage_options`; None: the flags alone):
+    {'visual_tokens_per_image', 'stages': {'alignment', 'instruction'}, 'run'}. Parameters are not counted."""
     config = load_config(args.model_config)
     if getattr(config, "vision_config", None) is None:
         raise ValueError(f"{args.model_config} is a text-only model ({config.model_type}); the planner plans the "
@@ -238,27 +243,33 @@ def plan(args: PlanArguments) -> dict:
         "alignment": math.ceil(args.alignment_samples / args.alignment_batch_size),
         "instruction": math.ceil(args.instruction_samples / args.batch_size),
     }
+    stages = {
+        stage: price_stage(config, shapes[stage], samples[stage], steps[stage], stage_options(args, recipe, stage))
+        for stage in shapes
+    }
+    return {"config": config, "visual_tokens_per_image": visual, "stages": stages, "run": _run(stages)}
 
-    def price(recipe: str | dict | None) -> dict:
-        stages = {}
-        for stage in shapes:
-            options = recipe[stage] if isinstance(recipe, dict) else stage_options(args, recipe, stage)
-            stages[stage] = price_stage(config, shapes[stage], samples[stage], steps[stage], options)
-        return stages
 
-    stages = price(args.sts_config)
-    dualspeed = price({stage: {**stage_options(args, None, stage), **DUALSPEED[stage]} for stage in shapes})
+def plan(args: PlanArguments) -> dict:
+    """Dense and STS FLOPs of both stages and of the whole run, per part, for the recipe `args.sts_config` (or the
+    flags), and the whole run under DualSpeed's published setting; see the module docstring."""
+    priced = price_run(args, args.sts_config)
+    config = priced["config"]
+    # its published setting whatever the STS flags say (the shape of the run is the same)
+    flags = ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")
+    defaults = {name: PlanArguments.__dataclass_fields__[name].default for name in flags}
+    dualspeed = price_run(replace(args, **defaults), DUALSPEED)
     return {
         "model_config": args.model_config,
         "model_type": config.model_type,
         "sts_config": args.sts_config,
         "parameters": count_parameters(config),
         "decoder_layers": config.get_text_config().num_hidden_layers,
-        "visual_tokens_per_image": visual,
+        "visual_tokens_per_image": priced["visual_tokens_per_image"],
         "options": {k: v for k, v in asdict(args).items() if k not in ("model_config", "json")},
-        "stages": stages,
-        "run": _run(stages),
-        "dualspeed": {"stages": dualspeed, "run": _run(dualspeed)},
+        "stages": priced["stages"],
+        "run": priced["run"],
+        "dualspeed": {"stages": dualspeed["stages"], "run": dualspeed["run"]},
     }
 
 
