@@ -4,10 +4,10 @@ A recipe has an 'alignment' and an 'instruction' section; once the trainer knows
 every STS option the user left at its default (`STSTrainingArguments.for_stage`). The same recipe can live in a YAML
 file (`configs/sts_plus.yaml` holds `sts_plus`), which `sts_preset` and `sts-plan --sts_config` also accept.
 
-`sts_plus`, the recommended recipe, chosen from the frontier measured on the miniature-LLaVA testbed
+`sts_plus`, the compute-first recipe, chosen from the frontier measured on the miniature-LLaVA testbed
 (docs/accuracy.md): of the settings that save at least 55% of LLaVA-1.5-7B's whole-run training FLOPs (`sts-plan`),
-the one that kept the most accuracy there (87% of the dense baseline, against 89.5% for STS's defaults, which save
-25%). It trades accuracy for compute; measure it on your task before adopting it.
+the one that kept the most accuracy there (86.3% of the dense baseline, against 89.8% for STS's defaults, which
+save 25.2%). It trades accuracy for compute; measure it on your task before adopting it.
 - alignment: the paper's VTC, 'uniform' at 0.5 (LDS off: the language model is frozen);
 - instruction tuning: VTC on as well, 'uniform' keeping 15% of each image's tokens, one optimizer step in ten with
   every token, composed with LDS at its defaults (alpha 0.5, epsilon 0.5, quadratic decay).

@@ -1,6 +1,6 @@
 """Benchmark: STS against plain training and against the best any implementation could do, side by side.
 
-    python -m sts_trainer.lab.bench                      # about 12 minutes on 2 CPU cores
+    python -m sts_trainer.lab.bench                      # about 15 minutes on 2 CPU cores
     python -m sts_trainer.lab.bench --quick              # a smoke run (seconds; numbers meaningless)
 
 Every configuration trains the same CPU-sized LLaVA (a small vision tower, a language model that dominates the cost)
