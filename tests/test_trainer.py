@@ -557,3 +557,21 @@ def test_self_distillation_adds_the_kl_from_the_pruned_forward_and_is_counted(ou
     assert not teacher["grad"] and student["grad"] and teacher["width"] < student["width"]
     (record,) = trainer.sts_ledger.records
     assert record.full_tokens and record.dense_flops < record.actual_flops < 1.5 * record.dense_flops
+
+
+def test_vtc_and_lds_composed_with_lora_on_the_language_model_and_gradient_checkpointing(out_dir):
+    model = tiny_llava()
+    for p in model.parameters():
+        p.requires_grad = False
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # adapters in the decoder
+    calls = LayerCalls(model.get_base_model())
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = training_args(out_dir, max_steps=3, sts_vtc="on", vtc_keep_ratio=0.25, lds_alpha=0.6, lds_epsilon=0.0,
+                         lds_schedule="constant", activation_checkpointing=True)
+    trainer, _ = train(model, args)
+    assert trainer.sts_plan.stage == "instruction" and trainer.sts_plan.vtc and trainer.sts_plan.lds
+    for forward, record in zip(calls.forwards, trainer.sts_ledger.records):
+        assert record.kept_fraction == 0.25 and set(forward["layers"].values()) <= {forward["width"]}
+        assert len(forward["layers"]) == round(4 * (1 - record.skipped_fraction))
+    assert any(len(f["layers"]) < 4 for f in calls.forwards)
+    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters)
