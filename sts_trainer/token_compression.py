@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .architectures import ARCHITECTURES, CUSTOM_VLM, get_path, vtc_facts
+from .arguments import VTC_KEEP_SCHEDULES
 from .layer_skip import decision_generator
 
 VTC_STREAM = 1  # the random strategy's stream of `decision_generator` (LDS's decisions use stream 0)
@@ -76,8 +77,8 @@ def keep_ratio_at(
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}.")
-    if schedule not in ("constant", "linear", "cosine", "step"):
-        raise ValueError(f"Unknown keep-ratio schedule {schedule!r}; choose constant, linear, cosine or step.")
+    if schedule not in VTC_KEEP_SCHEDULES:
+        raise ValueError(f"Unknown keep-ratio schedule {schedule!r}; choose one of {', '.join(VTC_KEEP_SCHEDULES)}.")
     if schedule == "constant":
         return start
     rise = max(1, math.ceil(fraction * total_steps))

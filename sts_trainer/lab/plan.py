@@ -198,6 +198,7 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
         for part in sts:
             per_step = (1 - full) * pruned[part] + full * (dense_tokens[part] + distill * teacher[part])
             sts[part] += per_step * len(layers) / steps
+    dense = step_flops(config, shape)
     all_layers = [layer for layers in by_kept.values() for layer in layers]
     mean_kept = sum(kept * len(layers) for kept, layers in by_kept.items()) / steps
     return {
@@ -209,9 +210,9 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
         "full_token_fraction": full,
         "self_distillation": bool(options["vtc"] and full and options["vtc_distill_weight"] > 0),
         "executed_layer_fraction": sum(all_layers) / len(all_layers) / num_layers,
-        "dense_flops": _scale(step_flops(config, shape), samples),
+        "dense_flops": _scale(dense, samples),
         "sts_flops": _scale(sts, samples),
-        "saving": 1.0 - sts["total"] / step_flops(config, shape)["total"],
+        "saving": 1.0 - sts["total"] / dense["total"],
     }
 
 
