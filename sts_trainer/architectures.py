@@ -62,6 +62,56 @@ def _mistral3_grids(config, vision_inputs, count):
     return [(h // ratio, w // ratio) for h, w in torch.as_tensor(vision_inputs["image_sizes"]).tolist()]
 
 
+# Blank images (`blank_image`): one image of the smallest input the model's vision path takes, every value BLANK
+# (not 0: Idefics3 and SmolVLM drop all-zero tiles as padding).
+BLANK = 0.5
+
+
+def _channels(vision_config) -> int:
+    return getattr(vision_config, "num_channels", None) or getattr(vision_config, "in_channels", 3)
+
+
+def _blank_fixed(config) -> dict:
+    # one image at the tower's resolution: pixel_values (1, C, H, W)
+    vision = config.vision_config
+    size = vision.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return {"pixel_values": torch.full((1, _channels(vision), height, width), BLANK)}
+
+
+def _blank_anyres(config) -> dict:
+    # LLaVA-NeXT / OneVision: an image of one tile's size, as its tiles (the base tile and its anyres grid)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    size = side_of(config.vision_config.image_size)
+    tiles = image_size_to_num_patches((size, size), config.image_grid_pinpoints, size)
+    return {
+        "pixel_values": torch.full((1, tiles, _channels(config.vision_config), size, size), BLANK),
+        "image_sizes": torch.tensor([[size, size]]),
+    }
+
+
+def _blank_qwen2_vl(config) -> dict:
+    # one merged token: a (1, merge, merge) grid of flattened patches (C * temporal patch * patch * patch values)
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    values = _channels(vision) * vision.temporal_patch_size * vision.patch_size**2
+    return {"pixel_values": torch.full((merge * merge, values), BLANK), "image_grid_thw": torch.tensor([[1, merge, merge]])}
+
+
+def _blank_tiles(config) -> dict:
+    # Idefics3 / SmolVLM: pixel_values (samples, tiles, C, H, W), one sample of one tile
+    return {"pixel_values": _blank_fixed(config)["pixel_values"][None]}
+
+
+def _blank_pixtral(config) -> dict:
+    # Mistral3: two merged tokens, one row of two (with one token, Mistral3Model.get_image_features squeezes the
+    # token dimension away and fails)
+    side = config.vision_config.patch_size * config.spatial_merge_size
+    pixels = torch.full((1, _channels(config.vision_config), side, 2 * side), BLANK)
+    return {"pixel_values": pixels, "image_sizes": torch.tensor([[side, 2 * side]])}
+
+
 def _llava_projector(config, vision: int, hidden: int) -> list[tuple[int, int]]:
     # linear_1 over the concatenated feature layers, then linear_2
     return [(vision * len(feature_layers(config)), hidden), (hidden, hidden)]
@@ -105,6 +155,10 @@ class Architecture:
       tower: the patches over the merge);
     - `projector_matmuls(config, vision_width, text_width)`: (in, out) widths of the projector's matmuls, in order,
       per visual token.
+
+    Distributed (`distributed.BlankImage`):
+    - `blank_image(config)`: the vision inputs of one blank image, which a batch without images runs through the
+      vision tower and projector under ZeRO-3 or FSDP (every rank then gathers the same parameters); None: unknown.
     """
 
     language_model: str
@@ -121,6 +175,7 @@ class Architecture:
     token_grids: Callable | None = None
     tokens_per_tile: Callable | None = None
     projector_matmuls: Callable = _llava_projector
+    blank_image: Callable | None = _blank_fixed
 
 
 @dataclass(frozen=True)
@@ -170,13 +225,14 @@ _LLAVA = Architecture(
     image_inputs=("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy"),
     token_grids=_square_grids(_patches_per_side),
 )
-_LLAVA_NEXT = replace(_LLAVA, newline="model.image_newline", token_grids=None)
+_LLAVA_NEXT = replace(_LLAVA, newline="model.image_newline", token_grids=None, blank_image=_blank_anyres)
 _QWEN2_VL = replace(
     _LLAVA,
     projector="model.visual.merger",
     image_inputs=("pixel_values", "image_grid_thw"),  # pixel_values: flattened patches of every image
     rope_index="model.get_rope_index",
     token_grids=_qwen2_vl_grids,
+    blank_image=_blank_qwen2_vl,
     projector_matmuls=lambda config, vision, hidden: [
         (vision * config.vision_config.spatial_merge_size**2,) * 2,
         (vision * config.vision_config.spatial_merge_size**2, hidden),
@@ -189,11 +245,12 @@ _IDEFICS3 = replace(
     projector="model.connector",
     image_inputs=("pixel_values", "pixel_attention_mask"),
     tile_tokens="model.image_seq_len",
+    blank_image=_blank_tiles,
     token_grids=_square_grids(lambda config: _patches_per_side(config) // config.scale_factor),  # pixel shuffle
     tokens_per_tile=lambda config, patches: patches // config.scale_factor**2,
     projector_matmuls=lambda config, vision, hidden: [(vision * config.scale_factor**2, hidden)],
 )
-_CAUSAL_LM = Architecture(language_model="model", layers="model.layers")
+_CAUSAL_LM = Architecture(language_model="model", layers="model.layers", blank_image=None)
 
 ARCHITECTURES: dict[str, Architecture] = {
     # vision-language models
@@ -219,6 +276,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "mistral3": replace(
         _LLAVA, image_inputs=("pixel_values", "image_sizes", "vision_feature_layer"), token_grids=_mistral3_grids,
+        blank_image=_blank_pixtral,
         # patch merger (h_v m^2 -> h_v), then linear_1 and linear_2
         projector_matmuls=lambda config, vision, hidden: [
             (vision * config.spatial_merge_size**2, vision), (vision, hidden), (hidden, hidden)
@@ -243,7 +301,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # The facts of a model named by the user (see the module docstring for the contract); `find_parts` fills the paths.
-CUSTOM_VLM = Architecture(language_model="", layers="", route="inputs_embeds")
+CUSTOM_VLM = Architecture(language_model="", layers="", route="inputs_embeds", blank_image=None)
 
 OVERRIDE_OPTIONS = (
     "sts_decoder_layers (module path of the decoder-layer list, e.g. 'model.layers'; enough for LDS), "

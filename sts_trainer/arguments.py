@@ -171,6 +171,18 @@ class STSTrainingArguments(TrainingArguments):
             "VTC on a model whose model_type sts_trainer does not know; overrides the config's value otherwise."
         },
     )
+    sts_blank_image: str = field(
+        default="auto",
+        metadata={
+            "help": "Under ZeRO-3 or FSDP, a rank whose batch has no image would skip the vision tower while the "
+            "others gather its parameters, and training would hang. 'auto': under ZeRO-3 or FSDP with more than one "
+            "process, such a batch runs the vision tower and projector on one blank image, and 0 times their output "
+            "is added to the language model's input (loss and gradients exactly unchanged; one small vision forward "
+            "per batch without images); nothing changes otherwise. 'on': always. 'off': never; under ZeRO-3 or FSDP "
+            "every forward then checks that the ranks agree on having images and raises an error if not.",
+            "choices": list(SWITCHES),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -186,6 +198,7 @@ class STSTrainingArguments(TrainingArguments):
             ("vtc_position_ids", VTC_POSITION_IDS),
             ("vtc_keep_schedule", VTC_KEEP_SCHEDULES),
             ("lds_schedule", LDS_SCHEDULES),
+            ("sts_blank_image", SWITCHES),
         ):
             value = getattr(self, name)
             if value not in allowed:

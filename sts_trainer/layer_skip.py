@@ -96,8 +96,10 @@ _SKIPPABLE_CLASSES: dict[type, type] = {}
 
 def _skippable_class(cls: type) -> type:
     if cls not in _SKIPPABLE_CLASSES:
-        namespace = {"__module__": cls.__module__, "_sts_original_class": cls}
-        _SKIPPABLE_CLASSES[cls] = type(f"Skippable{cls.__name__}", (_SkippableLayer, cls), namespace)
+        # The layer's own class name: lookups by name (FSDP's auto wrap by `transformer_layer_cls_to_wrap`, a
+        # model's `_no_split_modules`) must still find the patched layers.
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_sts_original_class": cls}
+        _SKIPPABLE_CLASSES[cls] = type(cls.__name__, (_SkippableLayer, cls), namespace)
     return _SKIPPABLE_CLASSES[cls]
 
 
@@ -152,7 +154,10 @@ class LayerSkipper:
             return
         self.clear()
         for layer, cls in zip(self.layers, self._original_classes):
-            layer.__class__ = cls
+            if type(layer) is _skippable_class(cls):
+                layer.__class__ = cls
+            # else a wrapper derived the layer's class from ours after install (FSDP2's fully_shard does): the class
+            # stays, and the layer, no longer marked, runs its forward as usual
             layer.__dict__.pop("_sts_skip", None)
         self._original_classes = None
 

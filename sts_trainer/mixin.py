@@ -29,6 +29,14 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from .arguments import STS_OPTION_NAMES, STSTrainingArguments
 from .callbacks import SavingsReportCallback
+from .distributed import (
+    AGREEING_ARGUMENTS,
+    BlankImage,
+    blank_image_mode,
+    check_ranks_agree,
+    fill_adam_state,
+    parameter_sharding,
+)
 from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, SkipRecord
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
@@ -71,6 +79,12 @@ class STSMixin:
         if self.args.should_log and not logger.handlers:
             logger.addHandler(logging.StreamHandler())
             logger.setLevel(logging.INFO)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            logger.warning(
+                f"STS: fsdp={self.args.fsdp!r} was given, but Accelerate did not enable FSDP "
+                f"({self.accelerator.state.distributed_type}); training runs without it. Accelerate enables FSDP on "
+                "accelerators (CUDA, XPU, NPU, ...) only, not on CPU processes."
+            )
         self.sts_plan: SparsityPlan | None = None
         self.sts_ledger: SavingsLedger | None = None
         self._components: dict[str, TokenCompressor | LayerSkipper] = {}
@@ -80,6 +94,7 @@ class STSMixin:
         self._sts_forward_kwargs: dict = {}
         self._sts_last: tuple[tuple, float | None] | None = None  # the last micro-batch's shape and actual FLOPs
         self._sts_distill_weight = 0.0
+        self._blank_image: BlankImage | None = None
 
     def _sts_arguments(self, args):
         cls = self.sts_args_class
@@ -113,6 +128,7 @@ class STSMixin:
             self._remove_sts()
 
     def _install_sts(self, resume_from_checkpoint: str | None) -> None:
+        self._check_ranks_agree()
         plan = plan_sparsity(self.model, self.args)
         args = plan.args  # the stage's options: `sts_preset`'s section applied
         if plan.lds and args.parallel_mode.value == "distributed" and not args.ddp_find_unused_parameters:
@@ -145,6 +161,7 @@ class STSMixin:
             self._components["lds"] = LayerSkipper(args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
             self._components["lds"].install(plan.parts.layers)
         self.sts_plan = plan
+        self._install_blank_image(plan)
         if plan.vtc or plan.lds or plan.not_sparsified:
             self.sts_ledger = SavingsLedger(plan.stage, not_sparsified=plan.not_sparsified)
             if not plan.not_sparsified and not isinstance(getattr(plan.parts.model, "config", None), PretrainedConfig):
@@ -166,7 +183,37 @@ class STSMixin:
             logger.warning(f"STS: {plan.note}")
         (logger.warning if plan.not_sparsified else logger.info)(plan.describe())
 
+    def _check_ranks_agree(self) -> None:
+        """Fail on every rank, naming the setting, when the ranks were launched with different STS options, seeds
+        or step counts (they would skip other layers or keep other tokens, and wait on each other)."""
+        settings = {**self.args.sts_options(), **{name: getattr(self.args, name) for name in AGREEING_ARGUMENTS}}
+        dataset = self.train_dataset
+        settings["len(train_dataset)"] = len(dataset) if hasattr(dataset, "__len__") else None
+        check_ranks_agree(settings)
+
+    def _install_blank_image(self, plan: SparsityPlan) -> None:
+        """Under ZeRO-3 or FSDP (`distributed.BlankImage`), for a vision-language model."""
+        if plan.parts is None or not plan.parts.is_multimodal:
+            return
+        sharding = parameter_sharding(self)
+        mode = blank_image_mode(self.args.sts_blank_image, sharding, self.args.world_size)
+        if mode is None:
+            return
+        self._blank_image = BlankImage(plan.parts, mode, self._components.get("vtc"))
+        self._blank_image.install()
+        if mode == "blank":
+            logger.info(
+                f"STS: {sharding or 'sts_blank_image=on'}: a batch without images runs the vision tower and projector "
+                "on a blank image whose contribution is exactly zero, so every rank gathers the same parameters."
+            )
+
+    def _blank_image_active(self):
+        return self._blank_image.active() if self._blank_image is not None else contextlib.nullcontext()
+
     def _remove_sts(self) -> None:
+        if self._blank_image is not None:
+            self._blank_image.remove()
+            self._blank_image = None
         if self._sts_report is not None:
             self.remove_callback(self._sts_report)
         for component in self._components.values():
@@ -194,6 +241,10 @@ class STSMixin:
         return True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self._blank_image_active():
+            return self._sts_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _sts_compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         if not model.training or not self._components:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         step = self.state.global_step
@@ -338,12 +389,23 @@ class STSMixin:
         if ignore_keys is None:
             config = getattr(self.model, "config", None)
             ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", None) or []) + list(DEFAULT_IGNORE_KEYS)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        with self._blank_image_active():  # evaluation during training, under ZeRO-3 or FSDP
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The trainer's checkpoint, plus the savings ledger so far and the STS options (`savings.STATE_FILE`)."""
+        """The trainer's checkpoint, plus the savings ledger so far and the STS options (`savings.STATE_FILE`).
+        Under FSDP, every parameter's optimizer state is saved (`distributed.fill_adam_state`), so the checkpoint
+        resumes even when LDS has skipped a layer in every step so far."""
+        if self.is_fsdp_enabled and self.optimizer is not None:
+            if fill_adam_state(self.optimizer) is None and not getattr(self, "_sts_warned_state", False):
+                self._sts_warned_state = True
+                logger.warning(
+                    "STS: under FSDP a parameter that never had a gradient (a layer LDS skipped in every step so far) "
+                    f"has no state in {type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__}, and "
+                    "resuming from the checkpoint fails; sts_trainer fills it in for Adam and AdamW only."
+                )
         super()._save_checkpoint(model, trial)
         if self.sts_ledger is None or self.sts_plan.not_sparsified is not None or not self.args.should_save:
             return

@@ -640,13 +640,19 @@ class TokenCompressor:
         finally:
             self._teacher = False
 
+    def compresses_now(self) -> bool:
+        """Whether an image batch's forward run now is compressed (its vision path runs in this compressor's hook,
+        before the model's forward): a micro-batch is open and it does not keep every token."""
+        record = self._record
+        return record is not None and (self._teacher or not (record.full_tokens or record.keep_ratio >= 1.0))
+
     def _compress(self, module, args, kwargs):
         record = self._record
         if record is None or kwargs.get("pixel_values") is None:
             return None
         if args or kwargs.get("input_ids") is None:
             raise ValueError("VTC needs the batch passed to the model as keyword arguments, with input_ids.")
-        if not self._teacher and (record.full_tokens or record.keep_ratio >= 1.0):
+        if not self.compresses_now():
             # every token kept: the model runs untouched, exactly as with VTC off; only the counts are recorded
             visual = int((kwargs["input_ids"] == self.image_token_id).sum())
             mask = kwargs.get("attention_mask")
@@ -669,7 +675,7 @@ class TokenCompressor:
                 kwargs["position_ids"] = self._rope_positions(module, kwargs)  # (3, B, L)
             position_mode = "original"
         vision_inputs = {key: kwargs.pop(key) for key in facts.image_inputs if key in kwargs}
-        features = self._image_features(module, {k: v for k, v in vision_inputs.items() if v is not None})
+        features = image_features(module, facts, {k: v for k, v in vision_inputs.items() if v is not None})
         keep_always = None
         if facts.newline is not None:
             # The newline rows of the features are copies of this embedding: always kept.
@@ -714,20 +720,6 @@ class TokenCompressor:
             record.forwards.append(stats)
         return args, kwargs
 
-    def _image_features(self, module, vision_inputs: dict) -> list[torch.Tensor]:
-        """Projected features of every image (or tile) of the batch, in batch order: a list of (n_i, D)."""
-        if self.facts.route == "inputs_embeds":
-            features = module.get_image_features(**vision_inputs)  # the custom-model contract
-            if isinstance(features, ModelOutput):
-                features = features.pooler_output
-        else:
-            features = module.get_image_features(**vision_inputs, return_dict=True).pooler_output
-        if self.facts.tile_tokens is not None:
-            # one (tiles * t, D) tensor per sample: compress each tile of t tokens as an image
-            tokens = get_path(module, self.facts.tile_tokens)
-            features = [tile for sample in features for tile in sample.split(tokens) if len(tile)]
-        return list(features)
-
     def _rope_positions(self, module, kwargs: dict) -> torch.Tensor:
         """M-RoPE position ids (3, B, L) of the full sequence, from the model's own `get_rope_index`."""
         if kwargs.get("mm_token_type_ids") is None:
@@ -739,6 +731,22 @@ class TokenCompressor:
         inputs = {key: kwargs[key] for key in _ROPE_INPUTS if kwargs.get(key) is not None}
         position_ids, _ = rope_index(kwargs["input_ids"], attention_mask=kwargs.get("attention_mask"), **inputs)
         return position_ids
+
+
+def image_features(module, facts, vision_inputs: dict) -> list[torch.Tensor]:
+    """Projected features of every image (or tile) of a batch, in batch order: a list of (n_i, D), from the model's
+    own `get_image_features` (the vision tower and the projector)."""
+    if facts.route == "inputs_embeds":
+        features = module.get_image_features(**vision_inputs)  # the custom-model contract
+        if isinstance(features, ModelOutput):
+            features = features.pooler_output
+    else:
+        features = module.get_image_features(**vision_inputs, return_dict=True).pooler_output
+    if facts.tile_tokens is not None:
+        # one (tiles * t, D) tensor per sample: compress each tile of t tokens as an image
+        tokens = get_path(module, facts.tile_tokens)
+        features = [tile for sample in features for tile in sample.split(tokens) if len(tile)]
+    return list(features)
 
 
 def _config_special_ids(config) -> set[int]:

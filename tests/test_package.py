@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sts_trainer"
-CORE = {"architectures", "arguments", "callbacks", "flops", "layer_skip", "mixin", "presets", "savings", "stage",
+CORE = {"architectures", "arguments", "callbacks", "distributed", "flops", "layer_skip", "mixin", "presets", "savings", "stage",
         "token_compression", "trainer"}
 
 

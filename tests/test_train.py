@@ -203,6 +203,47 @@ def test_two_processes_with_the_deepspeed_launcher(world, stage1, tmp_path, zero
         assert torch.equal(projector["model.multi_modal_projector.linear_2.weight"], model.model.multi_modal_projector.linear_2.weight)
 
 
+def text_only_rank_data(world, stage, tmp_path, batch=2, world_size=2):
+    """LLaVA-format data in an order where, read sequentially, rank 1's batches are text-only (the human turn without
+    its <image>, no 'image') and rank 0's have one image per sample."""
+    records = json.load(open(world[stage]["data_path"]))[:16]
+    for i, record in enumerate(records):
+        if (i // batch) % world_size == 1:
+            del record["image"]
+            turn = record["conversations"][0]
+            turn["value"] = turn["value"].replace("<image>\n", "")
+    path = tmp_path / "text_only_rank.json"
+    path.write_text(json.dumps(records))
+    return ["--data_path", str(path), "--image_folder", world[stage]["image_folder"]]
+
+
+@pytest.mark.parametrize("stage, blank", [("alignment", "auto"), ("instruction", "auto"), ("instruction", "off")])
+def test_zero3_where_one_rank_has_no_images_completes_without_modality_grouping(world, stage1, tmp_path, stage, blank):
+    """The deepspeed launcher, ZeRO-3, 2 CPU processes, no --group_by_modality_length: a batch without images runs
+    the blank image (sts_blank_image='auto'), so both ranks gather the vision tower's parameters every step. With
+    sts_blank_image='off' the same run stops at its first step with an error naming the option."""
+    if stage == "alignment":
+        model = ["--language_model", world["language_model"], "--vision_tower", world["vision_tower"]]
+    else:
+        model = ["--model_name_or_path", str(stage1[0])]
+    out = tmp_path / "out"
+    command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29632",
+               "--module", "sts_trainer.llava.train", *model, "--training_stage", stage,
+               *text_only_rank_data(world, stage, tmp_path), "--deepspeed", os.path.join(ROOT, "configs", "zero3.json"),
+               *common(out, steps=3, per_device_train_batch_size=2, train_sampling_strategy="sequential",
+                       sts_blank_image=blank)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if blank == "off":
+        assert result.returncode != 0 and "have images on 1 of 2 ranks" in result.stderr
+        return
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "a batch without images runs the vision tower and projector on a blank image" in result.stderr + result.stdout
+    summary = json.loads((out / "sts_train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["sts"]["stage"] == stage and summary["world_size"] == 2
+    LlavaForConditionalGeneration.from_pretrained(out)
+
+
 def test_projector_learning_rate_and_modality_grouping(world, stage1, tmp_path):
     from transformers import AutoModelForImageTextToText
 

@@ -3,10 +3,14 @@
     python tests/distributed/train_tiny.py --out DIR [--max_steps N] [--save_steps K] [--exit_at_step K] [--resume]
     torchrun --nproc_per_node 2 tests/distributed/train_tiny.py --out DIR
     deepspeed --num_gpus 2 tests/distributed/train_tiny.py --out DIR --deepspeed configs/zero3.json
+    torchrun --nproc_per_node 2 tests/distributed/train_tiny.py --out DIR --fsdp "full_shard auto_wrap" \
+        --fsdp_config configs/fsdp.json
 
 Writes DIR/layers_rank{R}.jsonl: one line per training forward, {"step", "layers": indices of the layers that ran,
 "visual": image placeholders the language model received} (VTC in instruction tuning: --sts_vtc on).
-With --exit_at_step K the process dies (os._exit) right after the checkpoint of step K is written.
+With --exit_at_step K the process dies (os._exit) right after the checkpoint of step K is written. With
+--text_only_rank R the data is in order (sequential sampling) and rank R's batches have no image, the others' one
+image per sample. DIR/result.json (rank 0): global_step, world_size, the logged losses, whether FSDP was on.
 """
 
 import argparse
@@ -21,7 +25,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from transformers import TrainerCallback  # noqa: E402
 
 from sts_trainer import STSTrainer, STSTrainingArguments  # noqa: E402
-from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config  # noqa: E402
+from sts_trainer.lab.tiny import (  # noqa: E402
+    collate,
+    freeze_for_alignment,
+    synthetic_samples,
+    tiny_llava,
+    tiny_llava_config,
+)
+
+
+class CPUFSDPTrainer(STSTrainer):
+    """FSDP through Accelerate on CPU processes, for tests. Accelerate enables FSDP on accelerators only (its
+    `AcceleratorState` keeps the FSDP plugin for MULTI_GPU, MULTI_XPU, ... but not MULTI_CPU) while torch's FSDP2 runs
+    on CPU with gloo: this sets the state Accelerate would have set on GPUs, and nothing else."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
 
 class ExitAfterSave(TrainerCallback):
@@ -43,6 +68,8 @@ def main():
     parser.add_argument("--exit_at_step", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--deepspeed", default=None)
+    parser.add_argument("--fsdp", default="")
+    parser.add_argument("--fsdp_config", default=None)
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--lds_alpha", type=float, default=0.5)
     parser.add_argument("--lds_schedule", default="constant")
@@ -50,6 +77,10 @@ def main():
     parser.add_argument("--sts_vtc", default="auto")
     parser.add_argument("--vtc_keep_ratio", type=float, default=0.5)
     parser.add_argument("--vtc_full_token_fraction", type=float, default=0.0)
+    parser.add_argument("--stage", default="instruction", choices=["alignment", "instruction"])
+    parser.add_argument("--text_only_rank", type=int, default=-1)  # this rank's batches have no image
+    parser.add_argument("--sts_blank_image", default="auto")
+    parser.add_argument("--freeze_vision", action="store_true")  # LLaVA's instruction tuning: the tower is frozen
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -60,6 +91,10 @@ def main():
         deepspeed.init_distributed(dist_backend="gloo")
     # Built before the arguments: with ZeRO-3 a from-config model created afterwards is built under zero.Init.
     model = tiny_llava(seed=0)
+    if cli.stage == "alignment":
+        freeze_for_alignment(model)
+    elif cli.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     args = STSTrainingArguments(
         output_dir=cli.out,
         per_device_train_batch_size=2,
@@ -75,9 +110,13 @@ def main():
         disable_tqdm=True,
         dataloader_num_workers=0,
         deepspeed=cli.deepspeed,
+        fsdp=cli.fsdp,
+        fsdp_config=cli.fsdp_config,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
         activation_checkpointing=cli.activation_checkpointing,
-        sts_stage="instruction",
+        sts_stage=cli.stage,
+        sts_blank_image=cli.sts_blank_image,
+        train_sampling_strategy="sequential" if cli.text_only_rank >= 0 else "random",
         lds_alpha=cli.lds_alpha,
         lds_schedule=cli.lds_schedule,
         sts_vtc=cli.sts_vtc,
@@ -85,7 +124,12 @@ def main():
         vtc_full_token_fraction=cli.vtc_full_token_fraction,
     )
     samples = synthetic_samples(64, tiny_llava_config(), (1,), seed=0)
-    trainer = STSTrainer(
+    if cli.text_only_rank >= 0:
+        # In order, batch b goes to rank b % world: the batches of one rank are text-only, the others' have images.
+        text = synthetic_samples(64, tiny_llava_config(), (0,), seed=1)
+        world, batch = int(os.environ.get("WORLD_SIZE", 1)), args.per_device_train_batch_size
+        samples = [(text if (i // batch) % world == cli.text_only_rank else samples)[i] for i in range(64)]
+    trainer = (CPUFSDPTrainer if cli.fsdp else STSTrainer)(
         model=model,
         args=args,
         train_dataset=samples,
@@ -93,6 +137,7 @@ def main():
         callbacks=[ExitAfterSave(cli.exit_at_step)] if cli.exit_at_step else [],
     )
 
+    os.makedirs(cli.out, exist_ok=True)
     records = open(os.path.join(cli.out, f"layers_rank{rank}.jsonl"), "a")
     current = {}
 
@@ -119,12 +164,13 @@ def main():
     for i, layer in enumerate(language_model.layers):
         layer.register_forward_pre_hook(ran(i), with_kwargs=True)
 
-    os.makedirs(cli.out, exist_ok=True)
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     trainer.save_model(os.path.join(cli.out, "final"))
     if trainer.is_world_process_zero():
         with open(os.path.join(cli.out, "result.json"), "w") as f:
-            json.dump({"global_step": trainer.state.global_step, "world_size": args.world_size}, f)
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            json.dump({"global_step": trainer.state.global_step, "world_size": args.world_size, "losses": losses,
+                       "fsdp": trainer.is_fsdp_enabled}, f)
     records.close()
     # gloo process groups sometimes abort at interpreter exit after a finished run; end cleanly instead.
     sys.stdout.flush()
