@@ -15,14 +15,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from sts_trainer import STSTrainingArguments
 from sts_trainer.architectures import ARCHITECTURES, CUSTOM_VLM, ModelParts, find_parts
 from sts_trainer.distributed import (
     BlankImage,
     blank_image_mode,
-    check_ranks_agree,
     fill_adam_state,
 )
 from sts_trainer.layer_skip import LayerSkipper
@@ -199,32 +197,6 @@ def test_filling_state_is_for_adam_only():
     assert fill_adam_state(torch.optim.SGD([parameter], lr=0.1, momentum=0.9)) is None
 
 
-# ---- the ranks must agree ------------------------------------------------------------------------------------------
-
-
-def _agree_worker(rank, world, port, results):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        check_ranks_agree({"lds_alpha": 0.5, "seed": rank, "max_steps": 10})
-        results[rank] = "agreed"
-    except ValueError as error:
-        results[rank] = str(error)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ranks_launched_with_different_settings_fail_by_name():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_agree_worker, args=(2, 29641, results), nprocs=2, join=True)
-        results = dict(results)
-    for rank in (0, 1):
-        assert results[rank].startswith("seed differs between ranks (rank 0: 0, rank 1: 1)")
-
-
 # ---- 2 processes: one rank's batches have no image -------------------------------------------------------------------
 
 
@@ -302,3 +274,38 @@ def test_fsdp_with_a_text_only_rank_trains_saves_and_resumes(tmp_path):
     ranks = [records(resumed, 0), records(resumed, 1)]
     assert [r["layers"] for r in ranks[0]] == [r["layers"] for r in records(whole, 0)]  # steps 0-1, then 2-3 resumed
     assert [r["layers"] for r in ranks[1]] == [r["layers"] for r in ranks[0]]
+
+
+def launch_nodes(out, node_args, timeout=300):
+    """Two nodes of one process each, from a hostfile, as scripts/multinode.sh launches without ssh: one deepspeed
+    launcher per node (--no_ssh --node_rank i), here both on this machine."""
+    hostfile = os.path.join(out, "hostfile")
+    os.makedirs(out, exist_ok=True)
+    with open(hostfile, "w") as f:
+        f.write("node0 slots=1\nnode1 slots=1\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    nodes = []
+    for rank, args in enumerate(node_args):
+        command = [os.path.join(BIN, "deepspeed"), "--hostfile", hostfile, "--no_ssh", "--node_rank", str(rank),
+                   "--master_addr", "127.0.0.1", "--master_port", "29644",
+                   os.path.join(ROOT, "tests", "distributed", "train_tiny.py"), "--out", str(out / "run"), *ZERO3,
+                   "--text_only_rank", "1", *args]
+        nodes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    return [node.returncode for node in nodes], logs
+
+
+def test_two_nodes_from_a_hostfile_with_a_text_only_node(tmp_path):
+    codes, logs = launch_nodes(tmp_path, [["--stage", "instruction"]] * 2)
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    assert json.load(open(tmp_path / "run" / "result.json"))["world_size"] == 2
+    assert_one_rank_text_only(tmp_path / "run", 3)
+
+
+def test_nodes_launched_with_different_sts_options_stop_at_the_start_naming_it(tmp_path):
+    codes, logs = launch_nodes(tmp_path, [["--lds_alpha", "0.5"], ["--lds_alpha", "0.3"]], timeout=200)
+    assert codes[0] != 0 and codes[1] != 0
+    for log in logs:
+        assert "lds_alpha differs between ranks (rank 0: 0.5, rank 1: 0.3)" in log
+    assert records(tmp_path / "run", 0) == records(tmp_path / "run", 1) == []  # no training forward ran

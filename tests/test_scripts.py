@@ -23,7 +23,9 @@ def script_arguments(name):
     return shlex.split(command)
 
 
-@pytest.mark.parametrize("name, stage", [("pretrain.sh", "alignment"), ("finetune.sh", "instruction")])
+@pytest.mark.parametrize(
+    "name, stage", [("pretrain.sh", "alignment"), ("finetune.sh", "instruction"), ("multinode.sh", "instruction")]
+)
 def test_launch_scripts_pass_only_known_valid_arguments(name, stage):
     args = script_arguments(name)
     parser = HfArgumentParser((ModelArguments, DataArguments, STSTrainingArguments))
