@@ -309,3 +309,13 @@ def test_nodes_launched_with_different_sts_options_stop_at_the_start_naming_it(t
     for log in logs:
         assert "lds_alpha differs between ranks (rank 0: 0.5, rank 1: 0.3)" in log
     assert records(tmp_path / "run", 0) == records(tmp_path / "run", 1) == []  # no training forward ran
+
+
+def test_fsdp_asked_for_on_cpu_processes_is_reported(tmp_path):
+    """Without the test's override, Accelerate drops the FSDP plugin on CPU processes (MULTI_CPU) and Trainer trains
+    with DDP: the trainer says so instead of letting the run look sharded."""
+    result = launch("torchrun", tmp_path, "--fsdp", "full_shard auto_wrap", "--fsdp_config", "configs/fsdp.json",
+                    "--cpu_fsdp", "off", "--max_steps", "1")
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert not json.load(open(tmp_path / "result.json"))["fsdp"]
+    assert "Accelerate did not enable FSDP (DistributedType.MULTI_CPU)" in result.stderr

@@ -70,6 +70,7 @@ def main():
     parser.add_argument("--deepspeed", default=None)
     parser.add_argument("--fsdp", default="")
     parser.add_argument("--fsdp_config", default=None)
+    parser.add_argument("--cpu_fsdp", default="on", choices=["on", "off"])  # off: Accelerate's own state on CPU
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--lds_alpha", type=float, default=0.5)
     parser.add_argument("--lds_schedule", default="constant")
@@ -129,7 +130,7 @@ def main():
         text = synthetic_samples(64, tiny_llava_config(), (0,), seed=1)
         world, batch = int(os.environ.get("WORLD_SIZE", 1)), args.per_device_train_batch_size
         samples = [(text if (i // batch) % world == cli.text_only_rank else samples)[i] for i in range(64)]
-    trainer = (CPUFSDPTrainer if cli.fsdp else STSTrainer)(
+    trainer = (CPUFSDPTrainer if cli.fsdp and cli.cpu_fsdp == "on" else STSTrainer)(
         model=model,
         args=args,
         train_dataset=samples,
