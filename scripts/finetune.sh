@@ -10,7 +10,8 @@ set -euo pipefail
 DATA=${DATA:-./playground/data}
 STAGE1=${STAGE1:-./checkpoints/llava-v1.5-7b-sts-pretrain}
 OUT=${OUT:-./checkpoints/llava-v1.5-7b-sts}
-deepspeed --num_gpus "${NUM_GPUS:-8}" --module sts_trainer.llava.train \
+# LAUNCHER: the launcher's command (scripts/multinode.sh sets it for several machines)
+${LAUNCHER:-deepspeed --num_gpus ${NUM_GPUS:-8}} --module sts_trainer.llava.train \
     --deepspeed configs/zero3.json \
     --model_name_or_path "$STAGE1" \
     --training_stage instruction \

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 import yaml
@@ -23,9 +24,7 @@ def script_arguments(name):
     return shlex.split(command)
 
 
-@pytest.mark.parametrize(
-    "name, stage", [("pretrain.sh", "alignment"), ("finetune.sh", "instruction"), ("multinode.sh", "instruction")]
-)
+@pytest.mark.parametrize("name, stage", [("pretrain.sh", "alignment"), ("finetune.sh", "instruction")])
 def test_launch_scripts_pass_only_known_valid_arguments(name, stage):
     args = script_arguments(name)
     parser = HfArgumentParser((ModelArguments, DataArguments, STSTrainingArguments))
@@ -35,6 +34,34 @@ def test_launch_scripts_pass_only_known_valid_arguments(name, stage):
     assert os.path.isfile(os.path.join(ROOT, namespace.deepspeed))
     text = open(os.path.join(ROOT, "scripts", name)).read()
     assert text.splitlines()[1].startswith("# bash scripts/")  # opens with its exact command
+
+
+@pytest.mark.parametrize("node_rank", [None, "1"], ids=["ssh", "no-ssh"])
+def test_the_multinode_script_launches_finetune_from_the_hostfile(tmp_path, node_rank):
+    """scripts/multinode.sh run with a stand-in `deepspeed` first on PATH that records its arguments."""
+    record = tmp_path / "argv"
+    fake = tmp_path / "bin" / "deepspeed"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", MASTER_ADDR="10.0.0.1")
+    if node_rank is not None:
+        env["NODE_RANK"] = node_rank
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "multinode.sh"), "hosts.txt", "--max_steps", "10"],
+                   env=env, check=True, cwd=ROOT)
+    argv = record.read_text().splitlines()
+    launcher = ["--hostfile", "hosts.txt", "--master_addr", "10.0.0.1", "--master_port", "29500"]
+    if node_rank is not None:
+        launcher += ["--no_ssh", "--node_rank", "1"]
+    assert argv[: len(launcher) + 2] == [*launcher, "--module", "sts_trainer.llava.train"]
+    parser = HfArgumentParser((ModelArguments, DataArguments, STSTrainingArguments))
+    namespace, unknown = parser.parse_known_args(argv[len(launcher) + 2 :])
+    assert unknown == [] and namespace.training_stage == "instruction" and namespace.max_steps == 10
+    assert namespace.per_device_train_batch_size == 8 and namespace.deepspeed == "configs/zero3.json"
+    env.pop("MASTER_ADDR")
+    missing = subprocess.run(["bash", os.path.join(ROOT, "scripts", "multinode.sh"), "hosts.txt"], env=env,
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode != 0 and "set MASTER_ADDR" in missing.stderr
 
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
