@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 
 from .architectures import ModelParts
+from .arguments import SWITCHES
 from .token_compression import TokenCompressor, image_features
-
-BLANK_IMAGE_MODES = ("auto", "on", "off")
 
 
 def parameter_sharding(trainer) -> str | None:
@@ -44,8 +43,8 @@ def parameter_sharding(trainer) -> str | None:
 def blank_image_mode(option: str, sharding: str | None, world_size: int) -> str | None:
     """What `sts_blank_image` means for this run: 'blank' (run the blank image), 'check' (only check that the ranks
     agree), or None (nothing to do). 'auto' is 'blank' under parameter sharding with more than one process."""
-    if option not in BLANK_IMAGE_MODES:
-        raise ValueError(f"sts_blank_image must be one of {BLANK_IMAGE_MODES}, got {option!r}.")
+    if option not in SWITCHES:
+        raise ValueError(f"sts_blank_image={option!r} is not valid; choose one of {', '.join(SWITCHES)}.")
     if option == "on":
         return "blank"
     if sharding is None or world_size < 2:

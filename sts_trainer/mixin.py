@@ -95,6 +95,7 @@ class STSMixin:
         self._sts_last: tuple[tuple, float | None] | None = None  # the last micro-batch's shape and actual FLOPs
         self._sts_distill_weight = 0.0
         self._blank_image: BlankImage | None = None
+        self._sts_warned_optimizer_state = False
 
     def _sts_arguments(self, args):
         cls = self.sts_args_class
@@ -399,8 +400,8 @@ class STSMixin:
         Under FSDP, every parameter's optimizer state is saved (`distributed.fill_adam_state`), so the checkpoint
         resumes even when LDS has skipped a layer in every step so far."""
         if self.is_fsdp_enabled and self.optimizer is not None:
-            if fill_adam_state(self.optimizer) is None and not getattr(self, "_sts_warned_state", False):
-                self._sts_warned_state = True
+            if fill_adam_state(self.optimizer) is None and not self._sts_warned_optimizer_state:
+                self._sts_warned_optimizer_state = True
                 logger.warning(
                     "STS: under FSDP a parameter that never had a gradient (a layer LDS skipped in every step so far) "
                     f"has no state in {type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__}, and "
