@@ -75,6 +75,8 @@ class BlankImage:
         self.parts, self.mode, self.compressor = parts, mode, compressor
         self.inputs = parts.facts.blank_image(config) if mode == "blank" else None
         self.blank_forwards = 0  # forwards that ran the blank image
+        self.blank_backwards = 0  # of them, those run with gradients (a training forward; not a no-grad teacher's)
+        self.visual_tokens = 0  # the blank image's visual tokens, once it ran
         self._active = 0  # depth of open `active()` contexts
         self._pending = False  # a batch without images is in the model's forward: the blank still has to reach it
         self._features: list[torch.Tensor] | None = None
@@ -147,7 +149,10 @@ class BlankImage:
             for key, value in self.inputs.items()
         }
         self.blank_forwards += 1
-        return image_features(self.parts.model, self.parts.facts, inputs)
+        self.blank_backwards += int(torch.is_grad_enabled())
+        features = image_features(self.parts.model, self.parts.facts, inputs)
+        self.visual_tokens = sum(len(f) for f in features)
+        return features
 
     def _with_blank(self, embeds: torch.Tensor, kwargs) -> torch.Tensor:
         """`embeds` + 0 * (the blank image's features): the same values, and a graph through the vision path."""

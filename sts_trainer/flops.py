@@ -343,12 +343,16 @@ def micro_batch_flops(
         train_llm=train_llm,
         llm_adapter_weights_per_layer=llm_adapter_weights_per_layer,
     )
-    total = 0.0
-    if images:
-        per_image = visual_tokens_per_image(config)
-        if visual_tokens is not None and dynamic_resolution(config):
-            per_image = max(1, round(visual_tokens / images))
-        vision = step_flops(config, TrainingStep(images, 0, 1, per_image, **flags))
-        total += vision["vision"] + vision["projector"]
+    total = vision_flops(config, images, visual_tokens, **flags) if images else 0.0
     text = step_flops(config, TrainingStep(batch_size, llm_length, **flags), executed_layers=executed_layers)
     return total + text["llm_layers"] + text["lm_head"]
+
+
+def vision_flops(config: PretrainedConfig, images: int, visual_tokens: int | None = None, **flags) -> float:
+    """FLOPs of `images` images through the vision tower and projector (forward, and backward where `flags` train
+    them): each at the config's size, or, for a dynamic-resolution tower given `visual_tokens`, its share of them."""
+    per_image = visual_tokens_per_image(config)
+    if visual_tokens is not None and dynamic_resolution(config):
+        per_image = max(1, round(visual_tokens / images))
+    vision = step_flops(config, TrainingStep(images, 0, 1, per_image, **flags))
+    return vision["vision"] + vision["projector"]

@@ -37,7 +37,7 @@ from .distributed import (
     fill_adam_state,
     parameter_sharding,
 )
-from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, visual_tokens_per_image
+from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, vision_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, SkipRecord
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
 from .stage import SparsityPlan, asks_for_sparsity, plan_sparsity
@@ -250,6 +250,8 @@ class STSMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         step = self.state.global_step
         self._sts_micro_step = self._sts_micro_step + 1 if step == self._sts_step else 0  # micro-batch of the step
+        blank = self._blank_image
+        blank_before = (blank.blank_forwards, blank.blank_backwards) if blank is not None else (0, 0)
         self._sts_step = step
         with contextlib.ExitStack() as stack:
             records = {
@@ -263,7 +265,8 @@ class STSMixin:
                 result = self._distilled_loss(model, inputs, vtc, return_outputs, num_items_in_batch)
             else:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._account(inputs, step, vtc, records.get("lds"))
+        blanks = (blank.blank_forwards - blank_before[0], blank.blank_backwards - blank_before[1]) if blank else (0, 0)
+        self._account(inputs, step, vtc, records.get("lds"), blanks)
         return result
 
     def _distilled_loss(self, model, inputs, vtc: CompressionRecord, return_outputs, num_items_in_batch):
@@ -296,8 +299,11 @@ class STSMixin:
         loss = loss + self._sts_distill_weight * kl.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
-    def _account(self, inputs, step: int, vtc: CompressionRecord | None, lds: SkipRecord | None) -> None:
-        """Add one micro-batch to the ledger and the metrics: what it would have cost densely, and what it cost."""
+    def _account(self, inputs, step: int, vtc: CompressionRecord | None, lds: SkipRecord | None,
+                 blanks: tuple[int, int] = (0, 0)) -> None:
+        """Add one micro-batch to the ledger and the metrics: what it would have cost densely, and what it cost.
+        `blanks`: the blank image's forwards in it, and how many of them had a backward (a dense run under ZeRO-3
+        or FSDP runs them too, so they count in both)."""
         input_ids = inputs.get("input_ids")  # (B, L) before compression
         if input_ids is None:  # a custom model fed other inputs: its first tensor gives the batch's shape
             input_ids = next(value for value in inputs.values() if isinstance(value, torch.Tensor))
@@ -307,6 +313,9 @@ class STSMixin:
         if self.sts_ledger.flops_not_counted is None:
             try:
                 dense, actual = self._micro_batch_flops(config, inputs, input_ids, vtc, lds)
+                if blanks[0]:
+                    blank = self._blank_image_flops(config, *blanks)
+                    dense, actual = dense + blank, actual + blank
             except UncountableModelError as error:
                 self.sts_ledger.flops_not_counted = str(error)
                 logger.warning(f"STS: training FLOPs are not counted, Trainer's estimate is used instead: {error}")
@@ -362,6 +371,14 @@ class STSMixin:
                       "llm_adapter_weights_per_layer": 0.0}
             actual += micro_batch_flops(llm_length=teacher.llm_length, executed_layers=executed, **frozen)
         return dense, actual
+
+    def _blank_image_flops(self, config: PretrainedConfig, forwards: int, backwards: int) -> float:
+        """FLOPs of the blank image's runs through the vision tower and projector (`distributed.BlankImage`)."""
+        tokens = self._blank_image.visual_tokens
+        frozen = {"train_vision": False, "train_projector": False, "train_llm": False}
+        trains = {key: self._sts_trains[key] for key in frozen}
+        flops = vision_flops(config, 1, tokens, **trains) * backwards
+        return flops + vision_flops(config, 1, tokens, **frozen) * (forwards - backwards)
 
     def floating_point_ops(self, inputs) -> int:
         """Actual FLOPs of the micro-batch just trained (kept tokens, executed layers), as the ledger counted them;

@@ -319,3 +319,36 @@ def test_fsdp_asked_for_on_cpu_processes_is_reported(tmp_path):
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert not json.load(open(tmp_path / "result.json"))["fsdp"]
     assert "Accelerate did not enable FSDP (DistributedType.MULTI_CPU)" in result.stderr
+
+
+def test_the_blank_image_in_one_process_trains_alike_and_its_flops_are_counted(tmp_path):
+    """sts_blank_image='on' without sharding: the same losses as 'off' bit for bit (with plain SGD: the blank gives
+    the vision side a zero gradient where 'off' gives none, which Adam's momentum would move, as ZeRO's zero-filled
+    gradients do); the ledger counts each blank's vision forward and projector backward, in the dense and the actual
+    FLOPs alike."""
+    from sts_trainer import STSTrainer
+    from sts_trainer.flops import vision_flops
+    from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
+
+    samples = synthetic_samples(8, tiny_llava_config(), (1, 1, 0, 0), seed=0)  # batches of 2: images, text, ...
+    runs = {}
+    for option in ("off", "on"):
+        model = tiny_llava(seed=0)
+        calls = []
+        model.model.vision_tower.register_forward_hook(lambda module, args, output: calls.append(1))
+        args = STSTrainingArguments(
+            output_dir=str(tmp_path / option), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
+            logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+            train_sampling_strategy="sequential", sts_stage="instruction", sts_blank_image=option, optim="sgd",
+        )
+        trainer = STSTrainer(model=model, args=args, train_dataset=samples, data_collator=collate)
+        trainer.train()
+        records = trainer.sts_ledger.records
+        runs[option] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], len(calls),
+                        sum(r.dense_flops for r in records), sum(r.actual_flops for r in records), model.config)
+    (losses_off, calls_off, dense_off, actual_off, config), (losses_on, calls_on, dense_on, actual_on, _) = (
+        runs["off"], runs["on"])
+    assert losses_on == losses_off and len(losses_on) == 4
+    assert (calls_off, calls_on) == (2, 4)  # two image batches; the two text-only ones ran the blank
+    blank = vision_flops(config, 1, 16, train_vision=True, train_projector=True, train_llm=True)
+    assert dense_on - dense_off == pytest.approx(2 * blank) and actual_on - actual_off == pytest.approx(2 * blank)
