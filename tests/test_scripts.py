@@ -81,3 +81,21 @@ def test_accelerate_config_points_at_an_existing_deepspeed_config():
     config = yaml.safe_load(open(os.path.join(ROOT, "configs", "accelerate_zero2.yaml")))
     assert config["distributed_type"] == "DEEPSPEED"
     assert os.path.isfile(os.path.join(ROOT, config["deepspeed_config"]["deepspeed_config_file"]))
+
+
+def test_the_fsdp_configs_agree():
+    """configs/fsdp.json (Trainer arguments) and configs/accelerate_fsdp.yaml (accelerate launch) set the same FSDP:
+    version 2, layers wrapped by class, sharded checkpoints; the Trainer reads the JSON into Accelerate's plugin."""
+    trainer_form = json.load(open(os.path.join(ROOT, "configs", "fsdp.json")))
+    accelerate_form = yaml.safe_load(open(os.path.join(ROOT, "configs", "accelerate_fsdp.yaml")))
+    assert accelerate_form["distributed_type"] == "FSDP"
+    fsdp = {key.removeprefix("fsdp_"): value for key, value in accelerate_form["fsdp_config"].items()}
+    assert fsdp.pop("version") == trainer_form.pop("version") == 2
+    assert fsdp.pop("transformer_layer_cls_to_wrap").split(",") == trainer_form.pop("transformer_layer_cls_to_wrap")
+    trainer_form.pop("_comment")
+    assert fsdp == trainer_form
+    args = STSTrainingArguments(output_dir="unused", fsdp="full_shard auto_wrap",
+                                fsdp_config=os.path.join(ROOT, "configs", "fsdp.json"))
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer,CLIPEncoderLayer"
