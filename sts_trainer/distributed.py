@@ -195,10 +195,17 @@ def check_ranks_agree(settings: dict) -> None:
         values = [rank_settings.get(name) for rank_settings in gathered]
         if any(value != values[0] for value in values):
             differing = ", ".join(f"rank {rank}: {value!r}" for rank, value in enumerate(values))
+            fix = _AGREEMENT_FIXES.get(name, f"launch every rank with the same {name}")
             raise ValueError(
                 f"{name} differs between ranks ({differing}). STS decides which layers to skip and which tokens to "
-                f"keep from the same settings on every rank; launch every node with the same {name}."
+                f"keep from the same settings on every rank; {fix}."
             )
+
+
+_AGREEMENT_FIXES = {
+    "len(train_dataset)": "every rank must read the same training data (the same files at the same paths, and, with "
+    "skip_bad_samples, the same images present on every node)",
+}
 
 
 def fill_adam_state(optimizer) -> int | None:
