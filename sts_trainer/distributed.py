@@ -57,7 +57,7 @@ class BlankImage:
     batch agrees on having images (`mode='check'`), in the forwards run inside `active()`.
 
     Hooks: a forward pre-hook on the model, placed first (VTC's removes the vision inputs from the batch), and one on
-    the language model, which receives the input embeddings. `compressor`: the run's VTC, whose `compresses_now`
+    the language model, which receives the input embeddings, also placed first. `compressor`: the run's VTC, whose `compresses_now`
     says where an image batch's vision path runs.
     """
 
@@ -86,9 +86,12 @@ class BlankImage:
         if self._handles:
             return
         model, language_model = self.parts.model, self.parts.language_model
+        # Both pre-hooks first, before ZeRO-3's or FSDP's own when those are already there (installed for an
+        # `evaluate()` after training): an image batch runs its vision path before the language model gathers or
+        # prefetches anything, and so must the blank.
         self._handles = [
             model.register_forward_pre_hook(self._before_model, with_kwargs=True, prepend=True),
-            language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True),
+            language_model.register_forward_pre_hook(self._before_language_model, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._after_model, always_call=True),
         ]
 

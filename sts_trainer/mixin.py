@@ -40,7 +40,7 @@ from .distributed import (
 from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, vision_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, SkipRecord
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
-from .stage import SparsityPlan, asks_for_sparsity, plan_sparsity
+from .stage import SparsityPlan, asks_for_sparsity, find_named_parts, plan_sparsity
 from .token_compression import IGNORE_INDEX, CompressionRecord, TokenCompressor, template_token_ids
 
 logger = logging.getLogger("sts_trainer")
@@ -162,7 +162,7 @@ class STSMixin:
             self._components["lds"] = LayerSkipper(args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
             self._components["lds"].install(plan.parts.layers)
         self.sts_plan = plan
-        self._install_blank_image(plan)
+        self._install_blank_image(plan.parts)
         if plan.vtc or plan.lds or plan.not_sparsified:
             self.sts_ledger = SavingsLedger(plan.stage, not_sparsified=plan.not_sparsified)
             if not plan.not_sparsified and not isinstance(getattr(plan.parts.model, "config", None), PretrainedConfig):
@@ -192,17 +192,17 @@ class STSMixin:
         settings["len(train_dataset)"] = len(dataset) if hasattr(dataset, "__len__") else None
         check_ranks_agree(settings)
 
-    def _install_blank_image(self, plan: SparsityPlan) -> None:
+    def _install_blank_image(self, parts, announce: bool = True) -> None:
         """Under ZeRO-3 or FSDP (`distributed.BlankImage`), for a vision-language model."""
-        if plan.parts is None or not plan.parts.is_multimodal:
+        if parts is None or not parts.is_multimodal:
             return
         sharding = parameter_sharding(self)
         mode = blank_image_mode(self.args.sts_blank_image, sharding, self.args.world_size)
         if mode is None:
             return
-        self._blank_image = BlankImage(plan.parts, mode, self._components.get("vtc"))
+        self._blank_image = BlankImage(parts, mode, self._components.get("vtc"))
         self._blank_image.install()
-        if mode == "blank":
+        if mode == "blank" and announce:
             logger.info(
                 f"STS: {sharding or 'sts_blank_image=on'}: a batch without images runs the vision tower and projector "
                 "on a blank image whose contribution is exactly zero, so every rank gathers the same parameters."
@@ -402,6 +402,23 @@ class STSMixin:
         super().log(logs, start_time)
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
+
+    def evaluation_loop(self, *args, **kwargs):
+        """Trainer's evaluation loop; outside training (`evaluate()`, `predict()` on their own), under ZeRO-3 or FSDP,
+        with the blank image for batches without images, as during training (no other STS component)."""
+        if self._blank_image is not None or self.args.sts_stage == "none":  # during training: already installed
+            return super().evaluation_loop(*args, **kwargs)
+        try:
+            parts = find_named_parts(self.model, self.args)
+        except ValueError:  # an architecture sts_trainer does not know: nothing to do
+            parts = None
+        self._install_blank_image(parts, announce=False)
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            if self._blank_image is not None:
+                self._blank_image.remove()
+                self._blank_image = None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if ignore_keys is None:

@@ -228,13 +228,19 @@ ZERO3 = ["--deepspeed", "configs/zero3.json", "--max_steps", "3"]
 
 @pytest.mark.parametrize(
     "stage, extra",
-    [("alignment", []), ("instruction", ["--sts_vtc", "on", "--vtc_keep_ratio", "0.25", "--vtc_full_token_fraction", "0.5"])],
-    ids=["alignment-vtc", "instruction-vtc-lds-full-token-steps"],
+    [("alignment", ["--evaluate"]),
+     ("instruction", ["--sts_vtc", "on", "--vtc_keep_ratio", "0.25", "--vtc_full_token_fraction", "0.5"])],
+    ids=["alignment-vtc-and-evaluation", "instruction-vtc-lds-full-token-steps"],
 )
 def test_zero3_with_a_text_only_rank_completes(tmp_path, stage, extra):
+    """Both stages; in alignment also evaluation (text-only batches on rank 1 too) during training and, with the
+    blank image installed anew over DeepSpeed's hooks, in `evaluate()` after it."""
     result = launch("deepspeed", tmp_path, *ZERO3, "--stage", stage, *extra)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    assert json.load(open(tmp_path / "result.json"))["global_step"] == 3
+    summary = json.load(open(tmp_path / "result.json"))
+    assert summary["global_step"] == 3
+    if "--evaluate" in extra:
+        assert len(summary["eval_losses"]) >= 2 and all(isinstance(loss, float) for loss in summary["eval_losses"])
     ranks = assert_one_rank_text_only(tmp_path, 3)
     if stage == "alignment":
         assert all(r["layers"] == [0, 1, 2, 3] for r in ranks[0]) and {r["visual"] for r in ranks[0]} == {16}
@@ -250,13 +256,14 @@ def test_zero3_with_the_blank_image_off_stops_with_an_error_naming_it(tmp_path):
 
 
 FSDP = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", "configs/fsdp.json", "--max_steps", "4", "--sts_vtc", "on",
-        "--vtc_keep_ratio", "0.25", "--freeze_vision"]
+        "--vtc_keep_ratio", "0.25", "--freeze_vision", "--evaluate"]
 
 
 def test_fsdp_with_a_text_only_rank_trains_saves_and_resumes(tmp_path):
     """FSDP2 through Accelerate, on 2 CPU processes (tests/distributed/train_tiny.py sets the Accelerate state that
     CPU processes do not get): VTC and LDS, the same decisions on both ranks, a sharded checkpoint at step 2 that a
-    killed run resumes from to the uninterrupted run's losses."""
+    killed run resumes from to the uninterrupted run's losses and evaluation losses (evaluated during training and
+    after it, with text-only batches on rank 1)."""
     whole = tmp_path / "whole"
     result = launch("torchrun", whole, *FSDP)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
@@ -270,7 +277,9 @@ def test_fsdp_with_a_text_only_rank_trains_saves_and_resumes(tmp_path):
     assert not (resumed / "result.json").exists()
     result = launch("torchrun", resumed, *FSDP, "--save_steps", "2", "--resume")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    assert json.load(open(resumed / "result.json"))["losses"] == expected["losses"]  # bit for bit
+    resumed_summary = json.load(open(resumed / "result.json"))
+    assert resumed_summary["losses"] == expected["losses"]  # bit for bit
+    assert resumed_summary["eval_losses"] == expected["eval_losses"] and len(expected["eval_losses"]) >= 3
     ranks = [records(resumed, 0), records(resumed, 1)]
     assert [r["layers"] for r in ranks[0]] == [r["layers"] for r in records(whole, 0)]  # steps 0-1, then 2-3 resumed
     assert [r["layers"] for r in ranks[1]] == [r["layers"] for r in ranks[0]]

@@ -10,7 +10,8 @@ Writes DIR/layers_rank{R}.jsonl: one line per training forward, {"step", "layers
 "visual": image placeholders the language model received} (VTC in instruction tuning: --sts_vtc on).
 With --exit_at_step K the process dies (os._exit) right after the checkpoint of step K is written. With
 --text_only_rank R the data is in order (sequential sampling) and rank R's batches have no image, the others' one
-image per sample. DIR/result.json (rank 0): global_step, world_size, the logged losses, whether FSDP was on.
+image per sample. DIR/result.json (rank 0): global_step, world_size, the logged losses, whether FSDP was on, and with
+--evaluate the evaluation losses (at step 2 during training, then after it, on data of the same layout).
 """
 
 import argparse
@@ -82,6 +83,7 @@ def main():
     parser.add_argument("--text_only_rank", type=int, default=-1)  # this rank's batches have no image
     parser.add_argument("--sts_blank_image", default="auto")
     parser.add_argument("--freeze_vision", action="store_true")  # LLaVA's instruction tuning: the tower is frozen
+    parser.add_argument("--evaluate", action="store_true")  # at step 2 during training, and once after it
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -99,6 +101,9 @@ def main():
     args = STSTrainingArguments(
         output_dir=cli.out,
         per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        eval_strategy="steps" if cli.evaluate else "no",
+        eval_steps=2,
         gradient_accumulation_steps=cli.grad_accum,
         max_steps=cli.max_steps,
         learning_rate=1e-3,
@@ -130,10 +135,12 @@ def main():
         text = synthetic_samples(64, tiny_llava_config(), (0,), seed=1)
         world, batch = int(os.environ.get("WORLD_SIZE", 1)), args.per_device_train_batch_size
         samples = [(text if (i // batch) % world == cli.text_only_rank else samples)[i] for i in range(64)]
+    eval_samples = samples[:8] if cli.evaluate else None  # the same layout: 2 batches per rank
     trainer = (CPUFSDPTrainer if cli.fsdp and cli.cpu_fsdp == "on" else STSTrainer)(
         model=model,
         args=args,
         train_dataset=samples,
+        eval_dataset=eval_samples,
         data_collator=collate,
         callbacks=[ExitAfterSave(cli.exit_at_step)] if cli.exit_at_step else [],
     )
@@ -167,11 +174,13 @@ def main():
 
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     trainer.save_model(os.path.join(cli.out, "final"))
+    evaluated = trainer.evaluate() if cli.evaluate else {}
     if trainer.is_world_process_zero():
         with open(os.path.join(cli.out, "result.json"), "w") as f:
             losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            during = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
             json.dump({"global_step": trainer.state.global_step, "world_size": args.world_size, "losses": losses,
-                       "fsdp": trainer.is_fsdp_enabled}, f)
+                       "fsdp": trainer.is_fsdp_enabled, "eval_losses": [*during, evaluated.get("eval_loss")]}, f)
     records.close()
     # gloo process groups sometimes abort at interpreter exit after a finished run; end cleanly instead.
     sys.stdout.flush()
