@@ -121,11 +121,6 @@ class BlankImage:
         self._pending = True
         if self.compressor is not None and self.compressor.compresses_now():
             self._features = self._blank_features(kwargs)  # where VTC runs an image batch's vision path
-        elif "inputs_embeds" in kwargs and kwargs.get("input_ids") is None:
-            # no token embedding in the model's forward: the blank is added to the embeddings given
-            kwargs = dict(kwargs, inputs_embeds=self._with_blank(kwargs["inputs_embeds"], kwargs))
-            self._pending = False
-            return args, kwargs
         return None
 
     def _before_language_model(self, module, args, kwargs):

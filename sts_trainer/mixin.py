@@ -367,18 +367,16 @@ class STSMixin:
         executed = lds.executed_layers if lds is not None else None
         actual = micro_batch_flops(llm_length=llm_length, executed_layers=executed, **common)
         for teacher in vtc.teacher if vtc is not None else ():  # self-distillation's pruned forward: no backward
-            frozen = {**common, "train_vision": False, "train_projector": False, "train_llm": False,
-                      "llm_adapter_weights_per_layer": 0.0}
+            frozen = {**common, **_NOTHING_TRAINS, "llm_adapter_weights_per_layer": 0.0}
             actual += micro_batch_flops(llm_length=teacher.llm_length, executed_layers=executed, **frozen)
         return dense, actual
 
     def _blank_image_flops(self, config: PretrainedConfig, forwards: int, backwards: int) -> float:
         """FLOPs of the blank image's runs through the vision tower and projector (`distributed.BlankImage`)."""
         tokens = self._blank_image.visual_tokens
-        frozen = {"train_vision": False, "train_projector": False, "train_llm": False}
-        trains = {key: self._sts_trains[key] for key in frozen}
+        trains = {key: self._sts_trains[key] for key in _NOTHING_TRAINS}
         flops = vision_flops(config, 1, tokens, **trains) * backwards
-        return flops + vision_flops(config, 1, tokens, **frozen) * (forwards - backwards)
+        return flops + vision_flops(config, 1, tokens, **_NOTHING_TRAINS) * (forwards - backwards)
 
     def floating_point_ops(self, inputs) -> int:
         """Actual FLOPs of the micro-batch just trained (kept tokens, executed layers), as the ledger counted them;
@@ -507,6 +505,10 @@ class STSMixin:
                 f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}."
             )
         return True
+
+
+# The FLOPs count's flags for a forward with no backward (self-distillation's teacher, the blank image's no-grad runs).
+_NOTHING_TRAINS = {"train_vision": False, "train_projector": False, "train_llm": False}
 
 
 def _trainable_parts(parts) -> dict:
