@@ -4,8 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from sts_trainer.lab import experiment
+from sts_trainer.lab import experiment, foundation
 from sts_trainer.lab.synthetic import CATEGORIES
+
+
+def _no_pretraining(*args, **kwargs):
+    raise AssertionError("a foundation model was pretrained; the shipped pair should have been used")
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +17,12 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("accuracy")
     cache = tmp_path_factory.mktemp("foundation")
     argv = ["--quick", "--output_dir", str(out), "--foundation_cache", str(cache)]
-    return out, argv, experiment.main(argv)
+    with pytest.MonkeyPatch.context() as patch:  # the shipped quick pair: no pretraining step runs
+        patch.setattr(foundation, "pretrain_vision", _no_pretraining)
+        patch.setattr(foundation, "pretrain_language_model", _no_pretraining)
+        result = experiment.main(argv)
+    assert os.listdir(cache) == []  # nothing built into the cache either
+    return out, argv, result
 
 
 def test_quick_experiment_writes_every_variant(quick):

@@ -1,6 +1,6 @@
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from sts_trainer.lab.synthetic import PATCH_WORDS, Scene, Shape, build_tokenizer
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache = tmp_path_factory.mktemp("foundation")
-    return cache, build_foundation(QUICK_RECIPE, str(cache))
+    return cache, build_foundation(QUICK_RECIPE, str(cache), use_shipped=False)
 
 
 def test_build_saves_loadable_models_and_a_report(built):
@@ -43,19 +43,19 @@ def test_a_cached_build_is_reused_and_only_a_changed_model_rebuilt(built, monkey
 
     monkeypatch.setattr(foundation, "pretrain_vision", fail)
     monkeypatch.setattr(foundation, "pretrain_language_model", fail)
-    assert build_foundation(QUICK_RECIPE, str(cache)) == paths
+    assert build_foundation(QUICK_RECIPE, str(cache), use_shipped=False) == paths
     assert os.stat(paths["report"]).st_mtime_ns == before
     # a vision-only change: a new vision encoder, the cached language model
     monkeypatch.undo()
     monkeypatch.setattr(foundation, "pretrain_language_model", fail)
     other = replace(QUICK_RECIPE, feature_scale_weight=0.5)
     assert other.key() != QUICK_RECIPE.key() and other.key("language") == QUICK_RECIPE.key("language")
-    rebuilt = build_foundation(other, str(cache))
+    rebuilt = build_foundation(other, str(cache), use_shipped=False)
     assert rebuilt["language_model"] == paths["language_model"] and rebuilt["vision_tower"] != paths["vision_tower"]
     assert CLIPVisionModel.from_pretrained(rebuilt["vision_tower"]).config.hidden_size == other.vision_hidden_size
     # a language-model change rebuilds it
     with pytest.raises(AssertionError, match="rebuilt"):
-        build_foundation(replace(QUICK_RECIPE, lm_steps=4), str(cache))
+        build_foundation(replace(QUICK_RECIPE, lm_steps=4), str(cache), use_shipped=False)
 
 
 def test_scene_targets_name_each_cell_the_word_and_the_count():
@@ -100,3 +100,89 @@ def test_world_texts_can_write_the_scene_as_its_patch_words():
     assert processor.tokenizer.unk_token_id not in ids.tolist()
     with pytest.raises(ValueError, match="scene_text"):
         world_texts(processor, 1, "train", 0, "pixels")
+
+
+# ---- the pairs shipped with the package ------------------------------------------------------------------------------
+
+
+def test_the_shipped_pairs_are_todays_recipes():
+    """A change of the default recipe, QUICK_RECIPE or FOUNDATION_VERSION without `--ship` fails here."""
+    shipped = sorted(os.listdir(foundation.SHIPPED_DIR))
+    assert shipped == sorted(recipe.key() for recipe in foundation.SHIPPED_RECIPES.values())
+    for recipe in foundation.SHIPPED_RECIPES.values():
+        manifest = json.loads(open(os.path.join(foundation.SHIPPED_DIR, recipe.key(), foundation.MANIFEST)).read())
+        assert manifest["key"] == recipe.key() and manifest["recipe"] == asdict(recipe)
+        assert manifest["language_key"] == recipe.key("language") and manifest["vision_key"] == recipe.key("vision")
+
+
+@pytest.mark.parametrize("name", sorted(foundation.SHIPPED_RECIPES))
+def test_the_shipped_files_load_and_check_out(name):
+    recipe = foundation.SHIPPED_RECIPES[name]
+    paths = foundation.shipped_foundation(recipe)
+    assert paths is not None and build_foundation(recipe, "/nonexistent") == paths
+    model = LlamaForCausalLM.from_pretrained(paths["language_model"])
+    assert model.config.num_hidden_layers == recipe.lm_layers and model.config.hidden_size == recipe.lm_hidden_size
+    assert len(AutoTokenizer.from_pretrained(paths["language_model"])) == model.config.vocab_size
+    vision = CLIPVisionModel.from_pretrained(paths["vision_tower"])
+    assert vision.config.image_size == recipe.image_size and vision.config.hidden_size == recipe.vision_hidden_size
+    report = json.loads(open(paths["report"]).read())
+    assert report["key"] == recipe.key() and 0.0 <= report["language_model"]["text_only_accuracy"] <= 1.0
+
+
+def test_the_shipped_files_stay_small():
+    total = sum(os.path.getsize(os.path.join(folder, name))
+                for folder, _, names in os.walk(foundation.SHIPPED_DIR) for name in names)
+    assert total < 10e6
+
+
+def test_import_sts_trainer_reads_no_shipped_file():
+    code = ("import sys\nopened = []\n"
+            "sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == 'open' else None)\n"
+            "import sts_trainer, sts_trainer.lab.foundation, sts_trainer.lab.demo\n"
+            "print(sum('foundation_models' in f for f in opened), len(opened) > 0)")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "True"]  # files were opened (the audit hook works), none of the shipped ones
+
+
+def _copy_shipped(tmp_path, recipe):
+    import shutil
+
+    root = tmp_path / "shipped"
+    shutil.copytree(os.path.join(foundation.SHIPPED_DIR, recipe.key()), root / recipe.key())
+    return root
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_damaged_shipped_file_falls_back_to_a_build_with_a_warning_naming_it(tmp_path, monkeypatch, damage):
+    root = _copy_shipped(tmp_path, QUICK_RECIPE)
+    weights = root / QUICK_RECIPE.key() / "vision_tower" / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    monkeypatch.setattr(foundation, "SHIPPED_DIR", str(root))
+    with pytest.warns(UserWarning, match=f"{weights}.*{'is missing' if damage == 'missing' else 'corrupt'}"):
+        paths = build_foundation(QUICK_RECIPE, str(tmp_path / "cache"))
+    assert paths["vision_tower"].startswith(str(tmp_path / "cache"))  # built (and cached) instead
+    assert CLIPVisionModel.from_pretrained(paths["vision_tower"]).config.hidden_size == QUICK_RECIPE.vision_hidden_size
+
+
+def test_ship_writes_the_pair_with_its_manifest_and_drops_stale_pairs(tmp_path, built, monkeypatch):
+    cache, paths = built
+    root = tmp_path / "shipped"
+    (root / "0123456789abcdef").mkdir(parents=True)  # a pair of a recipe no longer shipped
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rebuilt a cached model")
+
+    monkeypatch.setattr(foundation, "pretrain_vision", fail)
+    monkeypatch.setattr(foundation, "pretrain_language_model", fail)
+    shipped = foundation.ship_foundation(QUICK_RECIPE, str(cache), str(root))
+    assert sorted(os.listdir(root)) == [QUICK_RECIPE.key()]
+    assert shipped["language_model"] == str(root / QUICK_RECIPE.key() / "language_model")
+    manifest = json.loads((root / QUICK_RECIPE.key() / foundation.MANIFEST).read_text())
+    assert "vision_tower/model.safetensors" in manifest["files"] and manifest["key"] == QUICK_RECIPE.key()
+    assert "text-only ceiling" in foundation.describe(shipped)

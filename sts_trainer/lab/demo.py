@@ -1,14 +1,14 @@
 """The embedded demo: LLaVA's two training stages with STS, end to end, on a machine with nothing downloaded.
 
-    sts-demo                               # or: python -m sts_trainer.lab.demo; ~4 min on 2 CPU cores (+ ~20 min once)
+    sts-demo                               # or: python -m sts_trainer.lab.demo; ~4 min on 2 CPU cores
     sts-demo --dense                       # the same without STS, for comparison
     sts-demo --foundation random           # random-weight models, nothing to build: ~2.5 min
 
 It writes a synthetic image-question world in LLaVA format (PNG scenes of coloured shapes, captions for alignment,
 questions on colour, shape, counting, position, existence and short text for instruction tuning) and takes the
 pretrained toy models of `sts_trainer.lab.foundation`: a language model that knows the world's language and a
-vision encoder whose features describe its images, built the first time (about 20 minutes) and cached after
-(`--foundation random` builds random-weight ones in seconds instead). Then, through the same code path as the
+vision encoder whose features describe its images, shipped with the package (`--foundation random` builds
+random-weight ones in seconds instead). Then, through the same code path as the
 command line (`sts_trainer.llava.train.run`):
   1. alignment: a new LLaVA composed from the two, only the projector trains, with the Visual Token Compressor;
   2. instruction tuning from stage 1's output, projector and language model train, with the Layer Dynamic Skipper;
@@ -47,12 +47,13 @@ class DemoArguments:
         default="pretrained",
         metadata={"help": "'pretrained': the toy foundation models of sts_trainer.lab.foundation, a language model "
                           "that knows the world's language and a vision encoder whose features describe its images "
-                          "(built the first time, about 20 minutes, then cached), so that alignment connects them as "
-                          "it connects Vicuna and CLIP. 'random': random-weight models of --hidden_size and "
+                          "(shipped with the package; built and cached only if the shipped files are missing), so "
+                          "that alignment connects them as it connects Vicuna and CLIP. 'random': random-weight models of --hidden_size and "
                           "--num_layers, built in seconds.",
                   "choices": list(RECIPES)},
     )
-    foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained models are cached."})
+    foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained models are cached "
+                                                                           "if they must be built."})
     # None: the foundation's recipe (RECIPES)
     train_samples: int | None = field(default=None, metadata={"help": "Synthetic training scenes (each stage)."})
     test_samples: int = field(default=300, metadata={"help": "Held-out questions for the final accuracy."})
@@ -120,10 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     data_dir = os.path.join(demo.output_dir, "data")
     if demo.foundation == "pretrained":
-        print(f"Pretrained toy foundation models: built the first time (about 20 min), then cached under "
-              f"{demo.foundation_cache} ...", flush=True)
-        recipe = FoundationRecipe()
-        foundation = build_foundation(recipe, demo.foundation_cache)
+        foundation = build_foundation(FoundationRecipe(), demo.foundation_cache)
+        print(f"Pretrained toy foundation models: {os.path.dirname(foundation['report'])}", flush=True)
         assets = {"language_model": foundation["language_model"], "vision_tower": foundation["vision_tower"],
                   "vision_feature_layer": -1}  # the encoder was pretrained on its last layer's patch tokens
         with open(foundation["report"]) as f:

@@ -518,10 +518,9 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
     recipe = QUICK_RECIPE if exp.quick else FoundationRecipe()
-    print(f"Foundation models (recipe {recipe.key()}; built once, then cached under {exp.foundation_cache}) ...",
-          flush=True)
     foundation = build_foundation(recipe, exp.foundation_cache) | asdict(recipe) | {
         "visual_tokens": recipe.visual_tokens}
+    print(f"Foundation models (recipe {recipe.key()}): {os.path.dirname(foundation['report'])}", flush=True)
     # one held-out set for every seed and variant: the test split never shares a scene with a training split
     test = write_dataset(os.path.join(exp.output_dir, "test"), exp.test_samples, "test", 0, "instruction",
                          recipe.image_size)

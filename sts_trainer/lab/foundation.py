@@ -1,7 +1,8 @@
 """Toy foundation models of the synthetic world: a pretrained language model and a pretrained vision encoder.
 
-    python -m sts_trainer.lab.foundation                   # build (or find) the default pair: ~10 min on 2 CPU cores
-    python -m sts_trainer.lab.foundation --quick           # the seconds-long pair the tests use
+    python -m sts_trainer.lab.foundation                   # find (shipped, cached) or build the default pair
+    python -m sts_trainer.lab.foundation --ship            # build and ship it with the package (after a recipe change)
+    python -m sts_trainer.lab.foundation --ship --quick    # the same for the seconds-long pair the tests use
 
 LLaVA starts from a language model that already knows language (Vicuna) and a vision encoder whose features already
 describe images (CLIP); alignment only has to connect them. This module builds that situation in miniature, so that
@@ -22,11 +23,16 @@ alignment matters and accuracy retention is measured in the method's regime:
 Alignment then has to learn what LLaVA's projector learns: a map from each visual token's features to what the
 language model reads there. The language model never saw a feature vector, and nothing trains them together.
 
-Both are built once per recipe and cached under `<cache_dir>/<key>`, where the key is a hash of the recipe (and of
-`FOUNDATION_VERSION`, bumped when what a recipe builds changes). `build_foundation` returns the saved paths, which
-`sts-train --language_model ... --vision_tower ...` composes into a LLaVA model as it would Vicuna and CLIP.
+The pairs of `SHIPPED_RECIPES` (the default recipe, the demo's and the accuracy experiment's, and the tests' quick
+one) ship inside the package (`sts_trainer/lab/foundation_models/<key>/`, with their tokenizer, processor, report and
+a `MANIFEST.json` of the recipe, its key and each file's SHA-256), so nobody waits for a build. Any other recipe is
+built once and cached under `<cache_dir>`, one folder per model and recipe key (a hash of the fields each model is
+built from, and of `FOUNDATION_VERSION`, bumped when what a recipe builds changes). `build_foundation` returns the
+paths: the shipped pair when its key matches the recipe and every file checks out, else the cache, else a build. They
+are what `sts-train --language_model ... --vision_tower ...` composes into a LLaVA model, as it would Vicuna and CLIP.
 `report.json` holds how well each learned its task on held-out scenes (written last: its presence marks a finished
-build).
+build). After a change of `FoundationRecipe`'s defaults, of `QUICK_RECIPE` or of `FOUNDATION_VERSION`, re-ship with
+`--ship` (a test fails until then).
 """
 
 import hashlib
@@ -34,8 +40,10 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -114,6 +122,71 @@ QUICK_RECIPE = FoundationRecipe(
     image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_steps=3, vision_images=64,
     lm_hidden_size=32, lm_layers=2, lm_steps=3, lm_texts=64, lm_batch_size=8, batch_size=16,
 )
+
+
+# The recipes whose pairs ship with the package (re-shipped by `--ship`).
+SHIPPED_RECIPES = {"default": FoundationRecipe(), "quick": QUICK_RECIPE}
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foundation_models")
+MANIFEST = "MANIFEST.json"
+# Minutes a build takes on 2 CPU cores (measured), said before one starts.
+BUILD_MINUTES = {"default": 13, "quick": 0.1}
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def shipped_foundation(recipe: FoundationRecipe, shipped_dir: str | None = None) -> dict[str, str] | None:
+    """The paths of the pair shipped for `recipe` (as `build_foundation` returns them), or None when none ships for
+    its key, or when a shipped file is missing or does not match its manifest (a warning names the file)."""
+    root = os.path.join(shipped_dir or SHIPPED_DIR, recipe.key())
+    manifest_path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        return None
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        warnings.warn(f"The shipped foundation models' manifest {manifest_path} cannot be read ({error}); using the "
+                      "cache or building them instead.", stacklevel=3)
+        return None
+    for name, digest in manifest["files"].items():
+        path = os.path.join(root, name)
+        if not os.path.isfile(path) or _sha256(path) != digest:
+            problem = "is missing" if not os.path.isfile(path) else "does not match its manifest (corrupt)"
+            warnings.warn(f"The shipped foundation model file {path} {problem}; using the cache or building the "
+                          "models instead. Reinstall sts_trainer to restore it.", stacklevel=3)
+            return None
+    return {part: os.path.join(root, part) for part in ("language_model", "vision_tower", "processor")} | {
+        "report": os.path.join(root, "report.json")}
+
+
+def ship_foundation(recipe: FoundationRecipe, cache_dir: str | None = None,
+                    shipped_dir: str | None = None) -> dict[str, str]:
+    """Build `recipe`'s pair (or take it from the cache) and write it into the package (`shipped_dir`), with its
+    manifest; remove shipped pairs whose key is no longer one of `SHIPPED_RECIPES`. Returns the shipped paths."""
+    shipped_dir = shipped_dir or SHIPPED_DIR
+    built = build_foundation(recipe, cache_dir, use_shipped=False)
+    root = os.path.join(shipped_dir, recipe.key())
+    if os.path.isdir(root):
+        shutil.rmtree(root)
+    for part in ("language_model", "vision_tower", "processor"):
+        shutil.copytree(built[part], os.path.join(root, part))
+    shutil.copy(built["report"], os.path.join(root, "report.json"))
+    files = sorted(os.path.relpath(os.path.join(folder, name), root)
+                   for folder, _, names in os.walk(root) for name in names)
+    manifest = {"key": recipe.key(), "language_key": recipe.key("language"), "vision_key": recipe.key("vision"),
+                "foundation_version": FOUNDATION_VERSION, "recipe": asdict(recipe),
+                "files": {name: _sha256(os.path.join(root, name)) for name in files}}
+    with open(os.path.join(root, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    current = {r.key() for r in SHIPPED_RECIPES.values()}
+    for stale in sorted(os.listdir(shipped_dir)):
+        if stale not in current and os.path.isdir(os.path.join(shipped_dir, stale)):
+            shutil.rmtree(os.path.join(shipped_dir, stale))
+            print(f"removed the shipped pair {stale} (its recipe is no longer shipped)")
+    return shipped_foundation(recipe, shipped_dir)
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -345,15 +418,19 @@ def pretrain_language_model(recipe: FoundationRecipe, processor, text_config) ->
 
 # ---- build and cache ----------------------------------------------------------------------------------------------
 
-def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: str | None = None) -> dict[str, str]:
-    """The recipe's pretrained language model, vision encoder and processor, built once and cached.
+def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: str | None = None,
+                     use_shipped: bool = True) -> dict[str, str]:
+    """The recipe's pretrained language model, vision encoder and processor: shipped, cached, or built and cached.
 
     Returns `{"language_model", "vision_tower", "processor", "report"}`: paths of a `LlamaForCausalLM` with its
-    tokenizer, a `CLIPVisionModel` with its image processor, the `LlavaProcessor`, and `report.json`. Each model is
-    cached under the key of the fields it is built from (`<cache_dir>/language-<key>`, `<cache_dir>/vision-<key>`),
-    so a recipe that changes one model rebuilds only that one. A cached model (its folder's `report.json` exists) is
-    reused; an unfinished one is rebuilt.
+    tokenizer, a `CLIPVisionModel` with its image processor, the `LlavaProcessor`, and `report.json`. The pair shipped
+    with the package is used when its key is the recipe's and its files check out (`shipped_foundation`). Otherwise
+    each model is cached under the key of the fields it is built from (`<cache_dir>/language-<key>`,
+    `<cache_dir>/vision-<key>`), so a recipe that changes one model rebuilds only that one. A cached model (its
+    folder's `report.json` exists) is reused; an unfinished one is rebuilt.
     """
+    if use_shipped and (shipped := shipped_foundation(recipe)) is not None:
+        return shipped
     cache_dir = cache_dir or os.environ.get("STS_FOUNDATION_CACHE", DEFAULT_CACHE)
     root = os.path.join(cache_dir, recipe.key())
     vision_root = os.path.join(cache_dir, f"vision-{recipe.key('vision')}")
@@ -366,6 +443,10 @@ def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: s
     }
     if os.path.exists(paths["report"]):
         return paths
+    name = next((n for n, r in SHIPPED_RECIPES.items() if r == recipe), None)
+    estimate = f"about {BUILD_MINUTES[name]:g} min on 2 CPU cores" if name else "minutes to an hour, by its size"
+    print(f"Building the toy foundation models of recipe {recipe.key()} ({estimate}; cached under {cache_dir} "
+          "after) ...", flush=True)
     processor = build_tokenizer_and_processor(paths["processor"], recipe.image_size, recipe.patch_size,
                                               with_patch_words=recipe.scene_text == "patch_words")
     config = tiny_llava_config_for(processor, num_layers=recipe.lm_layers, hidden_size=recipe.lm_hidden_size)
@@ -409,7 +490,32 @@ def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: s
 @dataclass
 class FoundationArguments:
     cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "Where builds are cached, one folder per recipe."})
-    quick: bool = field(default=False, metadata={"help": "Build the seconds-long pair the tests use."})
+    quick: bool = field(default=False, metadata={"help": "The seconds-long pair the tests use."})
+    ship: bool = field(
+        default=False,
+        metadata={"help": "Build the pair (or take it from the cache) and write it into the package "
+                          "(sts_trainer/lab/foundation_models/<key>), for a recipe of SHIPPED_RECIPES; run it after "
+                          "changing the default recipe, QUICK_RECIPE or FOUNDATION_VERSION, and commit the files."},
+    )
+
+
+def describe(paths: dict[str, str]) -> str:
+    """Sizes of a pair's files and the held-out accuracies in its report."""
+    with open(paths["report"]) as f:
+        report = json.load(f)
+    lines = []
+    for part in ("language_model", "vision_tower", "processor"):
+        size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(paths[part])
+                   for name in names)
+        lines.append(f"  {part:<15} {size / 1e6:6.2f} MB   {paths[part]}")
+    vision, language = report["vision_encoder"], report["language_model"]
+    lines.append(f"  language model: text-only ceiling {100 * language['text_only_accuracy']:.1f}% "
+                 f"({language['held_out_questions']} held-out questions)")
+    lines.append("  vision encoder: " + ", ".join(
+        f"{key.removesuffix('_accuracy').replace('_', ' ')} {100 * vision[key]:.1f}%"
+        for key in ("cell_color_accuracy", "cell_shape_accuracy", "word_accuracy", "count_accuracy",
+                    "patch_word_accuracy", "covered_patch_word_accuracy")))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
@@ -418,9 +524,16 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.quick:
         recipe = replace(QUICK_RECIPE, seed=recipe.seed)
-    paths = build_foundation(recipe, args.cache_dir)
-    with open(paths["report"]) as f:
-        print(f.read())
+    if args.ship:
+        if recipe not in SHIPPED_RECIPES.values():
+            raise ValueError(f"Only the recipes of SHIPPED_RECIPES ship with the package ({', '.join(SHIPPED_RECIPES)}"
+                             "); change its entry (or add one) first, so that the tests check it.")
+        paths = ship_foundation(recipe, args.cache_dir)
+        print(f"Shipped recipe {recipe.key()} into {os.path.dirname(paths['report'])}:")
+    else:
+        paths = build_foundation(recipe, args.cache_dir)
+        print(f"Recipe {recipe.key()}:")
+    print(describe(paths))
     print(json.dumps(paths, indent=1))
     return paths
 
