@@ -2,6 +2,7 @@
 
     python -m sts_trainer.lab.bench                      # about 15 minutes on 2 CPU cores
     python -m sts_trainer.lab.bench --quick              # a smoke run (seconds; numbers meaningless)
+    python -m sts_trainer.lab.bench --profile llava-1.5-7b   # LLaVA-1.5-7B's real shapes on one GPU (gpu_bench.py)
 
 Every configuration trains the same CPU-sized LLaVA (a small vision tower, a language model that dominates the cost)
 for a few optimizer steps with `Trainer` or `STSTrainer`; all configurations run in one process, interleaved in
@@ -32,7 +33,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -42,6 +43,7 @@ from ..arguments import STSTrainingArguments
 from ..flops import micro_batch_flops
 from ..token_compression import diverse_indices, num_kept, uniform_indices
 from ..trainer import STSTrainer
+from . import gpu_bench
 from .tiny import collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
 
 
@@ -333,7 +335,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 8)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run; the numbers mean nothing")
     parser.add_argument("--from_json", default=None, help="only re-render the table of a saved bench.json")
+    parser.add_argument("--profile", default=None, choices=sorted(gpu_bench.PROFILES),
+                        help="a real model's layer shapes, on one GPU (sts_trainer/lab/gpu_bench.py): writes "
+                             "bench-gpu.json and bench-gpu.md")
+    parser.add_argument("--reduced", action="store_true",
+                        help="with --profile: the same rows at a width a CPU runs in seconds (numbers meaningless)")
+    parser.add_argument("--llm_layers", type=int, default=None,
+                        help="with --profile: decoder layers of the language model (default: the profile's)")
     cli = parser.parse_args(argv)
+    if cli.profile:
+        profile = gpu_bench.PROFILES[cli.profile]
+        profile = gpu_bench.reduced(profile) if cli.reduced else profile
+        overrides = {k: v for k, v in (("llm_layers", cli.llm_layers), ("rounds", cli.rounds), ("steps", cli.steps))
+                     if v}
+        hf_logging.set_verbosity_error()
+        return gpu_bench.main(replace(profile, **overrides), cli.out)
     if cli.from_json:
         saved = json.load(open(cli.from_json))
         rows = add_work_adjusted_efficiency(saved["rows"])
