@@ -29,8 +29,9 @@ class STSTrainingArguments(TrainingArguments):
     sts_stage: str = field(
         default="auto",
         metadata={
-            "help": "Training stage, which decides the sparsity used. 'auto': 'alignment' when no parameter of the "
-            "language model is trainable, 'instruction' otherwise (LoRA adapters on it count as trainable). "
+            "help": "Training stage, which decides the sparsity used. 'auto': 'instruction' when a parameter of the "
+            "language model's decoder layers is trainable (LoRA adapters in them count), 'alignment' otherwise (also "
+            "when only its embeddings or LM head train, with a warning saying so). "
             "'alignment': visual token compression. 'instruction': layer skipping. 'none': plain Trainer behaviour.",
             "choices": list(STAGES),
         },
@@ -143,8 +144,8 @@ class STSTrainingArguments(TrainingArguments):
         metadata={
             "help": "A recipe of STS options per stage: a preset's name ('sts_plus': see sts_trainer.presets and "
             "configs/sts_plus.yaml) or the path of a YAML file with 'alignment' and 'instruction' sections. Once the "
-            "stage is known, the section for it sets every STS option still at its default; options given "
-            "explicitly win."
+            "stage is known, the section for it sets every STS option not given explicitly; options given "
+            "explicitly win, also when their value is the default."
         },
     )
 
@@ -184,9 +185,22 @@ class STSTrainingArguments(TrainingArguments):
         },
     )
 
+    def __new__(cls, *args, **kwargs):
+        # The options given to the constructor, by name or position: `sts_preset` sets only the others. (The
+        # dataclass __init__ assigns every field, so __post_init__ cannot tell a given value from a default.)
+        self = super().__new__(cls)
+        names = [f.name for f in fields(cls) if f.init]
+        self.__dict__["_sts_given"] = frozenset(names[: len(args)]) | frozenset(kwargs)
+        return self
+
     def __post_init__(self):
         super().__post_init__()
         self.validate_sts()
+
+    def given_explicitly(self, name: str) -> bool:
+        """Whether option `name` was given (to the constructor, or set later to a value other than its default)."""
+        default = next(f.default for f in fields(STSTrainingArguments) if f.name == name)
+        return name in self.__dict__.get("_sts_given", ()) or getattr(self, name) != default
 
     def validate_sts(self) -> None:
         """Raise a `ValueError` naming the first STS option whose value is out of range or unknown."""
@@ -239,13 +253,12 @@ class STSTrainingArguments(TrainingArguments):
 
     def for_stage(self, stage: str) -> "STSTrainingArguments":
         """These arguments, or, with `sts_preset`, a copy where the preset's section for `stage` ('alignment' or
-        'instruction') sets every STS option still at its default."""
+        'instruction') sets every STS option not given explicitly (`given_explicitly`)."""
         if self.sts_preset is None or stage not in ("alignment", "instruction"):
             return self
-        defaults = {f.name: f.default for f in fields(STSTrainingArguments) if f.name in STS_OPTION_NAMES}
         staged = copy.copy(self)
         for name, value in load_preset(self.sts_preset)[stage].items():
-            if getattr(self, name) == defaults[name]:
+            if not self.given_explicitly(name):
                 setattr(staged, name, value)
         staged.validate_sts()
         return staged
@@ -264,6 +277,7 @@ class STSTrainingArguments(TrainingArguments):
         """
         upgraded = copy.copy(args)
         upgraded.__class__ = cls
+        upgraded.__dict__.setdefault("_sts_given", frozenset())
         for f in fields(cls):
             if f.name not in args.__dict__:
                 setattr(upgraded, f.name, f.default_factory() if f.default is MISSING else f.default)

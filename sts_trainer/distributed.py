@@ -182,13 +182,21 @@ AGREEING_ARGUMENTS = ("seed", "max_steps", "num_train_epochs", "gradient_accumul
                       "per_device_train_batch_size")
 
 
+def gather_from_ranks(value) -> list | None:
+    """`value` of every rank, in rank order (a collective: every rank must call it), or None in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def check_ranks_agree(settings: dict) -> None:
     """Raise on every rank, naming the first setting and the ranks, when `settings` differ between ranks (each rank
     would skip other layers or keep other tokens, and ZeRO-3 or FSDP would hang or fail later, in a collective)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    gathered = gather_from_ranks(settings)
+    if gathered is None:
         return
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, settings)
     for name in settings:
         values = [rank_settings.get(name) for rank_settings in gathered]
         if any(value != values[0] for value in values):

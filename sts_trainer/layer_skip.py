@@ -11,11 +11,11 @@ restores the original classes exactly, and pickling or deep-copying a patched mo
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from .architectures import find_parts
+from .randomness import LDS_STREAM, decision_generator
 
 
 def skip_probability(
@@ -43,13 +43,6 @@ def skip_probability(
     return min(max(alpha * decay * depth, 0.0), 1.0)
 
 
-def decision_generator(seed: int, step: int, micro_step: int, stream: int = 0) -> torch.Generator:
-    """A generator seeded from (seed, step, micro_step, stream) only: identical on every rank, untouched by the global
-    RNG, and the same after resuming from a checkpoint. `stream` keeps the components' draws independent."""
-    state = np.random.SeedSequence([seed, step, micro_step, stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 class _SkippableLayer:
     """Mixed in front of a decoder layer's class. `_sts_skip` is set per instance by `LayerSkipper`.
 
@@ -74,6 +67,7 @@ class _SkippableLayer:
                     hook(self, args or (hidden_states,), hidden_states)
             return hidden_states
         output = super().__call__(*args, **kwargs)
+        self.__dict__["_sts_runs"] = self.__dict__.get("_sts_runs", 0) + 1  # checked by `LayerSkipper.check_ran`
         if self.training and not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"LDS cannot skip {self._sts_original_class.__name__}: it returns a {type(output).__name__}, not the "
@@ -87,7 +81,7 @@ class _SkippableLayer:
         # generated class exists only in this process, so a saved model loads where sts_trainer was never imported, and
         # a copy (an EMA model, say) is a plain model that no skipper drives and that `remove()` need not undo.
         # (Not `copyreg.__newobj__`, which pickle refuses for a class other than the object's own.)
-        state = {k: v for k, v in self.__getstate__().items() if k != "_sts_skip"}
+        state = {k: v for k, v in self.__getstate__().items() if k not in ("_sts_skip", "_sts_runs")}
         return object.__new__, (self._sts_original_class,), state
 
 
@@ -136,7 +130,11 @@ class LayerSkipper:
         self.alpha, self.epsilon, self.schedule, self.seed = alpha, epsilon, schedule, seed
         self.layers_path = layers
         self.layers: nn.ModuleList | None = None
+        self._patched: list[nn.Module] = []  # the layer objects install() patched, which decide() marks
         self._original_classes: list[type] | None = None
+        self._skipped_all_step: list[bool] | None = None  # skipped in every micro-batch since the optimizer's step
+        self._optimizer_hooks: list = []
+        self._guarded: list[torch.optim.Optimizer] = []
 
     def install(self, model: nn.Module) -> None:
         if self._original_classes is not None:
@@ -146,6 +144,7 @@ class LayerSkipper:
         else:
             self.layers = find_parts(model, layers=self.layers_path).layers
         self._original_classes = [type(layer) for layer in self.layers]
+        self._patched = list(self.layers)
         for layer in self.layers:
             layer.__class__ = _skippable_class(type(layer))
 
@@ -159,6 +158,11 @@ class LayerSkipper:
             # else a wrapper derived the layer's class from ours after install (FSDP2's fully_shard does): the class
             # stays, and the layer, no longer marked, runs its forward as usual
             layer.__dict__.pop("_sts_skip", None)
+            layer.__dict__.pop("_sts_runs", None)
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks.clear()
+        self._guarded.clear()
         self._original_classes = None
 
     @contextlib.contextmanager
@@ -167,6 +171,7 @@ class LayerSkipper:
         skipped, probabilities = self.decide(step, max_steps, micro_step)
         try:
             yield SkipRecord(skipped, probabilities)
+            self.check_ran(skipped)
         finally:
             self.clear()
 
@@ -183,13 +188,89 @@ class LayerSkipper:
         One draw per layer for the whole batch, from `decision_generator(seed, step, micro_step)`, so every rank
         skips the same layers (distributed engines require it) and a resumed run repeats an uninterrupted one.
         """
+        self._check_not_wrapped()
         probs = self.probabilities(step, total_steps)
-        draws = torch.rand(len(probs), generator=decision_generator(self.seed, step, micro_step))  # (L,)
+        draws = torch.rand(len(probs), generator=decision_generator(self.seed, step, micro_step, LDS_STREAM))  # (L,)
         skips = [bool(u < p) for u, p in zip(draws.tolist(), probs)]
-        for layer, skip in zip(self.layers, skips):
+        for layer, skip in zip(self._patched, skips):
             layer._sts_skip = skip
+            layer.__dict__["_sts_runs"] = 0
+        # the first micro-batch of an optimizer step starts the step's record
+        previous = None if micro_step == 0 else self._skipped_all_step
+        self._skipped_all_step = skips if previous is None else [a and b for a, b in zip(previous, skips)]
         return skips, probs
 
     def clear(self) -> None:
-        for layer in self.layers:
+        for layer in self._patched:
             layer._sts_skip = False
+
+    def _check_not_wrapped(self) -> None:
+        """A skip must be a skip that happens: the layers in the list must still be the patched ones. A wrapper that
+        replaced a list entry after install (FSDP1's auto wrap puts a `FullyShardedDataParallel` there) calls the
+        patched layer itself after gathering its parameters, so the skip would save nothing."""
+        for i, (entry, layer) in enumerate(zip(self.layers, self._patched)):
+            if entry is not layer:
+                raise RuntimeError(
+                    f"LDS: decoder layer {i} was replaced by a {type(entry).__name__} after LDS was installed; that "
+                    "wrapper gathers and runs the layer whatever LDS decides, so skipped layers would still cost "
+                    "their compute. Use FSDP2 (fsdp_version: 2 / \"version\": 2) or DeepSpeed instead of FSDP1, "
+                    "or turn LDS off with sts_lds='off'."
+                )
+
+    def check_ran(self, skipped: list[bool]) -> None:
+        """After a micro-batch's forward: the layers that ran are exactly those not skipped (what the savings ledger
+        records). Nothing is checked when no layer ran (a forward that never reached the decoder)."""
+        ran = [layer.__dict__.get("_sts_runs", 0) > 0 for layer in self._patched]
+        if any(ran) and any(r == s for r, s in zip(ran, skipped)):
+            wrong = [i for i, (r, s) in enumerate(zip(ran, skipped)) if r == s]
+            raise RuntimeError(
+                f"LDS: decoder layers {wrong} did not do what LDS decided (skipped: {skipped}, ran: {ran}). Something "
+                "between the decoder stack and its layers hides the decision (a wrapper, a hook that calls the "
+                "layer's forward directly); turn LDS off with sts_lds='off' for this setup."
+            )
+
+    # ---- the optimizer: a layer skipped in every micro-batch of a step stays still ---------------------------------
+
+    def split_param_groups(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give each decoder layer its own parameter groups (each group of `optimizer` split by layer, hyper-
+        parameters kept; `sts_layer` in each new group names its layer, None for parameters outside the layers), so
+        that `guard_optimizer` can leave a skipped layer out of a step. Call before any step and before a learning-
+        rate scheduler is built on the optimizer."""
+        layer_of = {id(p): i for i, layer in enumerate(self._patched) for p in layer.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            by_layer: dict[int | None, list] = {}
+            for p in group["params"]:
+                by_layer.setdefault(layer_of.get(id(p)), []).append(p)
+            for layer in sorted(by_layer, key=lambda i: -1 if i is None else i):
+                groups.append({**group, "params": by_layer[layer], "sts_layer": layer})
+        optimizer.param_groups[:] = groups
+
+    def guard_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Leave each decoder layer that was skipped in every micro-batch since the last step out of the optimizer's
+        step: its parameter groups (`split_param_groups`) are emptied for the step and restored after it, so neither
+        its weights nor its optimizer state change, as under a single process or DDP, where such a layer has no
+        gradient. Under DeepSpeed ZeRO its gradient is a zero-filled slice of a flat buffer and Adam would still move
+        it along its momentum (and decay it); hooks on the optimizer that steps (the one the engine wraps, which holds
+        ZeRO's flat partitions per group, and which ZeRO may step one group at a time) make every backend equal. Only
+        the first optimizer given is guarded (until `remove()`)."""
+        if self._guarded:  # the first optimizer given, the one that steps: Trainer asks for it more than once, and
+            return  # later gets the engine's wrapper of it (DeepSpeed's), which steps it
+        self._guarded.append(optimizer)
+        hidden: dict[int, tuple[dict, list]] = {}  # id(group) -> (group, its parameters)
+
+        def before_step(opt, args, kwargs):
+            skipped = self._skipped_all_step or []
+            for group in opt.param_groups:
+                layer = group.get("sts_layer")
+                if layer is not None and layer < len(skipped) and skipped[layer] and id(group) not in hidden:
+                    hidden[id(group)] = (group, group["params"])
+                    group["params"] = []
+
+        def after_step(opt, args, kwargs):
+            for group, params in hidden.values():
+                group["params"] = params
+            hidden.clear()
+
+        self._optimizer_hooks += [optimizer.register_step_pre_hook(before_step),
+                                  optimizer.register_step_post_hook(after_step)]

@@ -35,12 +35,13 @@ from .distributed import (
     blank_image_mode,
     check_ranks_agree,
     fill_adam_state,
+    gather_from_ranks,
     parameter_sharding,
 )
 from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, vision_flops, visual_tokens_per_image
 from .layer_skip import LayerSkipper, SkipRecord
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
-from .stage import SparsityPlan, asks_for_sparsity, find_named_parts, plan_sparsity
+from .stage import SparsityPlan, asks_for_sparsity, find_named_parts, lds_incompatible, plan_sparsity
 from .token_compression import IGNORE_INDEX, CompressionRecord, TokenCompressor, template_token_ids
 
 logger = logging.getLogger("sts_trainer")
@@ -106,7 +107,9 @@ class STSMixin:
         if any(f.name not in args.__dict__ and f.name not in STS_OPTION_NAMES for f in fields(cls)):
             # `cls` has fields of its own that `args` lacks (an SFTConfig's, for a plain TrainingArguments): built
             # anew so its __post_init__ processes them, as TRL rebuilds a TrainingArguments into an SFTConfig.
-            return cls(**{**args.to_dict(), "hub_token": args.hub_token})
+            rebuilt = cls(**{**args.to_dict(), "hub_token": args.hub_token})
+            rebuilt.__dict__["_sts_given"] = args.__dict__.get("_sts_given", frozenset())  # not every field passed
+            return rebuilt
         # A copy as `cls` with the STS options at their defaults; fields of the user's own arguments class (LLaVA's
         # TrainingArguments subclass adds some) stay on the copy as attributes.
         return cls.from_training_arguments(args)
@@ -132,16 +135,12 @@ class STSMixin:
         self._check_ranks_agree()
         plan = plan_sparsity(self.model, self.args)
         args = plan.args  # the stage's options: `sts_preset`'s section applied
+        if plan.lds and (why := self._lds_cannot_run()) is not None:
+            plan = lds_incompatible(plan, args, why)
         if plan.lds and args.parallel_mode.value == "distributed" and not args.ddp_find_unused_parameters:
             raise ValueError(
                 "LDS is on but this trainer was created when the stage did not call for it, so DDP was set up "
                 "without find_unused_parameters. Pass ddp_find_unused_parameters=True, or set sts_stage explicitly."
-            )
-        if plan.lds and args.torch_compile:
-            raise ValueError(
-                "torch_compile=True cannot be combined with LDS: every new set of skipped layers is a new graph, and "
-                "after torch.compile's recompilation limit the whole model silently falls back to eager. Turn "
-                "torch_compile off for the instruction stage, or turn LDS off with sts_lds='off'."
             )
         if plan.vtc:
             ignore = template_token_ids(self.processing_class) if args.vtc_strategy == "instruction" else None
@@ -183,6 +182,39 @@ class STSMixin:
         if plan.note:
             logger.warning(f"STS: {plan.note}")
         (logger.warning if plan.not_sparsified else logger.info)(plan.describe())
+
+    def _lds_cannot_run(self) -> str | None:
+        """Why LDS cannot run on this trainer's backend, or None. A skip must be a skip that happens, and a layer
+        skipped in every micro-batch of a step must not move (`LayerSkipper.guard_optimizer`)."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+            return ("FSDP1 (Accelerate's default fsdp_version 1, or \"version\": 1 in fsdp_config) wraps each "
+                    "decoder layer in a FullyShardedDataParallel that gathers and runs it whatever LDS decides, so "
+                    "no layer would be skipped; use FSDP2: fsdp_version: 2 in the Accelerate config, or "
+                    "\"version\": 2 in fsdp_config")
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if self.is_deepspeed_enabled and "optimizer" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+            return ("the DeepSpeed config has an 'optimizer' section, so DeepSpeed builds an optimizer with one "
+                    "parameter group, and a layer LDS skipped would still move along Adam's momentum (DeepSpeed "
+                    "gives it a zero gradient); remove the section so that the Trainer builds the optimizer "
+                    "(--optim and --learning_rate set it)")
+        if sharded and self.optimizer is not None and any("sts_layer" not in g for g in self.optimizer.param_groups):
+            return ("the optimizer was given to the trainer, with parameter groups that mix decoder layers, and under "
+                    "DeepSpeed or FSDP a layer LDS skipped would still move along Adam's momentum (it gets a zero "
+                    "gradient); let the trainer build the optimizer (its parameter groups are split by layer)")
+        return None
+
+    def create_optimizer(self, *args, **kwargs):
+        """Trainer's optimizer; under LDS each decoder layer has its own parameter groups, and a layer skipped in every
+        micro-batch of a step is left out of that step (`LayerSkipper.guard_optimizer`), on every backend."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        skipper = self._components.get("lds")
+        if skipper is not None:
+            if fresh:
+                skipper.split_param_groups(optimizer)
+            skipper.guard_optimizer(optimizer)
+        return optimizer
 
     def _check_ranks_agree(self) -> None:
         """Fail on every rank, naming the setting, when the ranks were launched with different STS options, seeds
@@ -440,11 +472,16 @@ class STSMixin:
                     "resuming from the checkpoint fails; sts_trainer fills it in for Adam and AdamW only."
                 )
         super()._save_checkpoint(model, trial)
-        if self.sts_ledger is None or self.sts_plan.not_sparsified is not None or not self.args.should_save:
+        if self.sts_ledger is None or self.sts_plan.not_sparsified is not None:
+            return
+        # every rank's totals so far (a collective: every rank saves), and the wall-clock so far
+        ledger = {**self.sts_ledger.to_dict(), "ranks": gather_from_ranks(self.sts_ledger.rank_sums()),
+                  "wall_clock_seconds": self._sts_report.elapsed()}
+        if not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({"options": self.args.sts_options(), "ledger": self.sts_ledger.to_dict()}, f)
+            json.dump({"options": self.args.sts_options(), "ledger": ledger}, f)
 
     def _resume_ledger(self, checkpoint: str) -> None:
         """Continue the ledger of the run being resumed, and warn by name about each STS option that changed."""
@@ -461,7 +498,11 @@ class STSMixin:
                     f"{saved['options'].get(name)!r}; the savings report mixes both settings."
                 )
         ledger = SavingsLedger.from_dict(saved["ledger"])
-        self.sts_ledger.records = ledger.records
+        rank = self.args.process_index
+        if rank == 0 or not ledger.ranks:
+            self.sts_ledger.records = ledger.records  # rank 0's micro-batches, its own
+        elif rank < len(ledger.ranks):  # another rank's totals before the checkpoint; rank 0's file has no records of it
+            self.sts_ledger.resumed = ledger.ranks[rank]
         self.sts_ledger.wall_clock_seconds = ledger.wall_clock_seconds
         self.sts_ledger.flops_not_counted = self.sts_ledger.flops_not_counted or ledger.flops_not_counted
 

@@ -1,7 +1,7 @@
 """Named STS recipes: the options of each stage, selected with one training argument (`sts_preset`).
 
 A recipe has an 'alignment' and an 'instruction' section; once the trainer knows the stage, the section for it sets
-every STS option the user left at its default (`STSTrainingArguments.for_stage`). The same recipe can live in a YAML
+every STS option the user did not give explicitly (`STSTrainingArguments.for_stage`). The same recipe can live in a YAML
 file (`configs/sts_plus.yaml` holds `sts_plus`), which `sts_preset` and `sts-plan --sts_config` also accept.
 
 `sts_plus`, the compute-first recipe, chosen from the frontier measured on the miniature-LLaVA testbed

@@ -5,7 +5,9 @@ is what ran: the sequence length the language model really received and the deco
 Both come from `flops.step_flops`, the analytic count of matmul FLOPs, forward and backward.
 
 The ledger travels with each checkpoint (`STATE_FILE`, with the STS options of the run), so a resumed run's report
-covers the whole run, like `TrainerState.total_flos`. Two states are reported rather than hidden: a run STS did not
+covers the whole run, like `TrainerState.total_flos`. Under several processes each rank keeps its own ledger (its own
+micro-batches); the report's totals are the whole run's, summed over the ranks at each checkpoint and at the end
+(`ranks`), while its per-micro-batch records are rank 0's. Two states are reported rather than hidden: a run STS did not
 sparsify (`not_sparsified`, the reason), and one whose FLOPs `flops.py` cannot count (`flops_not_counted`).
 """
 
@@ -35,9 +37,24 @@ class SavingsLedger:
     wall_clock_seconds: float | None = None  # the whole run's, resumed parts included
     not_sparsified: str | None = None  # why STS left this run dense ('auto' on a model it cannot sparsify)
     flops_not_counted: str | None = None  # why FLOPs are missing; the run used Trainer's own estimate instead
+    # Several processes: each rank's `rank_sums()`, gathered at the last checkpoint or at the end (the whole run's
+    # totals are their sums); `resumed`: this rank's sums before the checkpoint a run resumed from, when its own
+    # records are not in the ledger (ranks other than 0 resume from rank 0's file).
+    ranks: list[dict] | None = None
+    resumed: dict | None = None
 
     def add(self, record: MicroBatchRecord) -> None:
         self.records.append(record)
+
+    def rank_sums(self) -> dict:
+        """This process's micro-batches and FLOPs (None when not counted), resumed part included."""
+        counted = self.flops_not_counted is None and self.not_sparsified is None
+        earlier = self.resumed or {"micro_batches": 0, "dense_flops": 0.0, "actual_flops": 0.0}
+        return {
+            "micro_batches": earlier["micro_batches"] + len(self.records),
+            "dense_flops": earlier["dense_flops"] + sum(r.dense_flops for r in self.records) if counted else None,
+            "actual_flops": earlier["actual_flops"] + sum(r.actual_flops for r in self.records) if counted else None,
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)  # the records too, as dicts
@@ -48,8 +65,9 @@ class SavingsLedger:
 
     def totals(self) -> dict:
         counted = self.flops_not_counted is None and self.not_sparsified is None
-        dense = sum(r.dense_flops for r in self.records) if counted else None
-        actual = sum(r.actual_flops for r in self.records) if counted else None
+        ranks = self.ranks or [self.rank_sums()]
+        dense = sum(r["dense_flops"] for r in ranks) if counted else None
+        actual = sum(r["actual_flops"] for r in ranks) if counted else None
         kept = [r.kept_fraction for r in self.records if r.kept_fraction is not None]
         skipped = [r.skipped_fraction for r in self.records if r.skipped_fraction is not None]
         ratios = [r.keep_ratio for r in self.records if r.keep_ratio is not None]
@@ -60,7 +78,9 @@ class SavingsLedger:
             "not_sparsified_reason": self.not_sparsified,
             "flops_counted": counted,
             "flops_not_counted_reason": self.flops_not_counted,
-            "micro_batches": len(self.records),
+            "processes": len(ranks),
+            "micro_batches": sum(r["micro_batches"] for r in ranks),  # all ranks'
+            "per_rank": self.ranks,
             "optimizer_steps": len({r.step for r in self.records}),
             "dense_flops": dense,
             "actual_flops": actual,
@@ -76,7 +96,9 @@ class SavingsLedger:
         t = self.totals()
         if self.not_sparsified is not None:
             return f"STS: not sparsified: {self.not_sparsified}"
-        lines = [f"STS savings ({t['stage']} stage, {t['optimizer_steps']} steps, {t['micro_batches']} micro-batches)"]
+        processes = f" on {t['processes']} processes" if t["processes"] > 1 else ""
+        lines = [f"STS savings ({t['stage']} stage, {t['optimizer_steps']} steps, {t['micro_batches']} micro-batches"
+                 f"{processes})"]
         if t["flops_counted"]:
             lines.append(
                 f"  training FLOPs  dense {t['dense_flops']:.3e}   actual {t['actual_flops']:.3e}   "

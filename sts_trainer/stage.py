@@ -1,6 +1,6 @@
 """Stage awareness: which training stage a run is in, and which STS components that stage gets."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -19,6 +19,13 @@ class SparsityPlan:
     not_sparsified: str | None = None
     note: str | None = None  # worth a warning: how the stage was detected, where that may surprise
     args: object = None  # the arguments for this stage: `sts_preset`'s section applied (`for_stage`)
+
+    def without_lds(self, reason: str) -> "SparsityPlan":
+        """This plan with LDS turned off for `reason`, which becomes the note (and, when nothing is left to
+        sparsify, why the run is not sparsified)."""
+        if not self.vtc:
+            return replace(self, lds=False, parts=None, not_sparsified=reason, note=None)
+        return replace(self, lds=False, note=reason if self.note is None else f"{self.note} {reason}")
 
     def describe(self, args=None) -> str:
         args = self.args if args is None else args
@@ -117,4 +124,24 @@ def plan_sparsity(model: nn.Module, args) -> SparsityPlan:
             f"sts_vtc='on' but the model ({parts.model_type}) has no visual tokens to compress; "
             "use sts_vtc='auto' or 'off'."
         )
-    return SparsityPlan(stage=stage, vtc=vtc, lds=lds, parts=parts if (vtc or lds) else None, note=note, args=args)
+    plan = SparsityPlan(stage=stage, vtc=vtc, lds=lds, parts=parts if (vtc or lds) else None, note=note, args=args)
+    if lds and args.torch_compile:
+        plan = lds_incompatible(plan, args, "torch_compile=True cannot be combined with LDS: every new set of skipped "
+                                "layers is a new graph, and after torch.compile's recompilation limit the whole model "
+                                "silently falls back to eager")
+    return plan
+
+
+def asks_for_lds(args) -> bool:
+    """LDS was asked for explicitly: switched on, or the instruction stage named (where it is the default)."""
+    return args.sts_lds == "on" or (args.sts_stage == "instruction" and args.sts_lds == "auto")
+
+
+def lds_incompatible(plan: SparsityPlan, args, why: str) -> SparsityPlan:
+    """LDS cannot run in this setup (`why`): an error when it was asked for explicitly, else the plan without it
+    (the run trains as it would without STS's LDS, and the plan's note says why)."""
+    fix = "turn LDS off with sts_lds='off'"
+    if asks_for_lds(args):
+        raise ValueError(f"{why}. Change that setting, or {fix}.")
+    return plan.without_lds(f"LDS is off: {why}. It was not asked for explicitly (sts_stage='auto', sts_lds="
+                            f"'auto'); sts_lds='on' would ask for it, and stop here with this error.")

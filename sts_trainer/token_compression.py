@@ -32,10 +32,8 @@ from transformers.utils import ModelOutput
 
 from .architectures import ARCHITECTURES, CUSTOM_VLM, get_path, vtc_facts
 from .arguments import VTC_KEEP_SCHEDULES
-from .layer_skip import decision_generator
+from .randomness import FULL_TOKEN_STREAM, VTC_STREAM, decision_generator
 
-VTC_STREAM = 1  # the random strategy's stream of `decision_generator` (LDS's decisions use stream 0)
-FULL_TOKEN_STREAM = 2  # the stream that picks the full-token steps
 
 IGNORE_INDEX = -100
 # Per-token inputs besides ids, mask, labels and positions, shortened with the sequence (0 = text, also for padding):
@@ -211,10 +209,12 @@ def template_token_ids(processing_class) -> set[int]:
     """Ids of the tokens a tokenizer's or processor's chat template writes around the messages, and its special ids:
     what the `instruction` strategy leaves out of its query (`TokenCompressor(query_ignore_ids=...)`).
 
-    The template is rendered on a short conversation (system, user, assistant, user, assistant) with placeholder
-    contents, and the ids of every token outside the contents are collected (by character offsets with a fast
-    tokenizer, else by tokenizing the text between the contents). A template that refuses a system turn is rendered
-    without it; contents are given as strings, or as lists of image and text blocks for templates that need those.
+    The template is rendered on a short conversation with placeholder contents, with a system turn and without one
+    (a template may write a default system prompt where a conversation has none: Qwen2-VL's and Qwen2.5-VL's write
+    "You are a helpful assistant."), and the ids of every token outside the contents are collected from each
+    rendering (by character offsets with a fast tokenizer, else by tokenizing the text between the contents). A
+    template that refuses a system turn is rendered without it only; contents are given as strings, or as lists of
+    image and text blocks for templates that need those.
     Without a chat template (or one that renders neither way) this is `all_special_ids`; `None` (no processing
     class) gives an empty set.
     """
@@ -225,30 +225,30 @@ def template_token_ids(processing_class) -> set[int]:
     template = getattr(processing_class, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     if not template:
         return ids
-    rendered = _render_placeholder_chat(tokenizer, template)
-    if rendered is None:
-        return ids
-    pieces = rendered.split(_PLACEHOLDER)
-    if tokenizer.is_fast:
-        spans, start = [], 0  # character spans of the placeholders
-        for piece in pieces[:-1]:
-            start += len(piece)
-            spans.append((start, start + len(_PLACEHOLDER)))
-            start += len(_PLACEHOLDER)
-        encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        for token, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
-            if not any(begin < stop and end > first for first, stop in spans):
-                ids.add(token)
-    else:
-        for piece in pieces:
-            ids.update(tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else [])
+    for rendered in _render_placeholder_chats(tokenizer, template):
+        pieces = rendered.split(_PLACEHOLDER)
+        if tokenizer.is_fast:
+            spans, start = [], 0  # character spans of the placeholders
+            for piece in pieces[:-1]:
+                start += len(piece)
+                spans.append((start, start + len(_PLACEHOLDER)))
+                start += len(_PLACEHOLDER)
+            encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (begin, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+                if not any(begin < stop and end > first for first, stop in spans):
+                    ids.add(token)
+        else:
+            for piece in pieces:
+                ids.update(tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else [])
     return ids
 
 
-def _render_placeholder_chat(tokenizer, template: str) -> str | None:
-    """The chat template rendered on a placeholder conversation, or None if it renders none of those tried."""
+def _render_placeholder_chats(tokenizer, template: str) -> list[str]:
+    """The chat template rendered on a placeholder conversation with a system turn and without one (each that it
+    renders), with the first form of contents it renders; empty if it renders none of those tried."""
     blocks = [{"type": "image"}, {"type": "text", "text": _PLACEHOLDER}]
     for content in (_PLACEHOLDER, blocks):
+        renderings = []
         for roles in (("system", "user", "assistant", "user", "assistant"), ("user", "assistant", "user", "assistant")):
             messages = [{"role": role, "content": content} for role in roles]
             try:
@@ -257,8 +257,10 @@ def _render_placeholder_chat(tokenizer, template: str) -> str | None:
                 continue
             # each content rendered, and as text (not a list's repr)
             if rendered.count(_PLACEHOLDER) == len(roles) and "'type'" not in rendered:
-                return rendered
-    return None
+                renderings.append(rendered)
+        if renderings:
+            return renderings
+    return []
 
 
 @dataclass
@@ -373,6 +375,58 @@ def _gather_rows(values: torch.Tensor, order: torch.Tensor, filler_mask: torch.T
     index = order.expand(*values.shape[:-2], *order.shape)
     out = values.gather(-1, index)
     return torch.where(filler_mask.expand_as(out), torch.as_tensor(filler, dtype=out.dtype, device=out.device), out)
+
+
+# Inputs that describe a batch's sequences for packing and flash attention (`DataCollatorWithFlattening`'s
+# `return_flash_attn_kwargs` / `return_seq_idx`, and pre-shifted labels): rebuilt for the shortened sequence.
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "shift_labels")
+
+
+def _packing_inputs(inputs: dict, out: dict) -> dict:
+    """`PACKING_KEYS` present in `inputs`, recomputed for the compressed batch `out`: the sequences start where its
+    text positions restart (each row starts one), `cu_seq_lens_*` and `seq_idx` count them over the flattened batch,
+    `max_length_*` is the longest, and `shift_labels` are `out`'s labels shifted left within each sequence."""
+    present = [key for key in PACKING_KEYS if inputs.get(key) is not None]
+    if not present:
+        return {}
+    text_positions = _text_positions(out.get("position_ids"))
+    if present != ["shift_labels"] and (text_positions is None or out.get("attention_mask") is not None):
+        raise ValueError(
+            f"VTC cannot shorten a batch given {', '.join(present)} without the packed sequences' position_ids (and "
+            "no attention_mask): it recomputes those inputs from where the position ids restart. Pass position_ids "
+            "(DataCollatorWithFlattening returns them by default), or leave those inputs out."
+        )
+    if text_positions is None or out.get("attention_mask") is not None:  # one sequence per row
+        starts = torch.zeros_like(out["input_ids"], dtype=torch.bool)
+        starts[:, 0] = True
+    else:
+        starts = _sequence_starts(text_positions)
+    shape = starts.shape  # (B, L')
+    starts = starts.flatten()  # (B * L',)
+    rebuilt = {}
+    if {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"} & set(present):
+        bounds = torch.cat([starts.nonzero().squeeze(1), torch.tensor([starts.numel()], device=starts.device)])
+        cu = bounds.to(torch.int32)
+        longest = int((bounds[1:] - bounds[:-1]).max())
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            if key in present:
+                rebuilt[key] = cu.to(inputs[key].dtype)
+        for key in ("max_length_q", "max_length_k"):
+            if key in present:
+                rebuilt[key] = longest
+    if "seq_idx" in present:
+        rebuilt["seq_idx"] = (starts.cumsum(0) - 1).view(shape).to(inputs["seq_idx"].dtype)
+    if "shift_labels" in present:
+        labels = out.get("labels")
+        if labels is None:
+            raise ValueError("VTC cannot shorten shift_labels given without labels: pass labels as well, from which "
+                             "it shifts the shortened sequence's labels.")
+        shifted = torch.full_like(labels, IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]
+        next_starts = starts.view(shape)[:, 1:]  # the next token starts another sequence
+        shifted[:, :-1] = shifted[:, :-1].masked_fill(next_starts, IGNORE_INDEX)
+        rebuilt["shift_labels"] = shifted
+    return rebuilt
 
 
 def compress_batch(
@@ -538,6 +592,7 @@ def compress_batch(
         # a packed batch's padding is a sequence of its own (positions 0, 1, ...), the others' padding sits at 0
         padding_positions = (columns - kept_per_row[:, None]).clamp(min=0) if starts is not None else 0
         out["position_ids"] = _gather_rows(position_ids, order, filler, padding_positions)
+    out.update(_packing_inputs(inputs, out))
     for key in ("pixel_values", "image_sizes"):
         out.pop(key, None)
     out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sts_trainer"
-CORE = {"architectures", "arguments", "callbacks", "distributed", "flops", "layer_skip", "mixin", "presets", "savings", "stage",
-        "token_compression", "trainer"}
+CORE = {"architectures", "arguments", "callbacks", "distributed", "flops", "layer_skip", "mixin", "presets", "randomness", "savings",
+        "stage", "token_compression", "trainer"}
 
 
 def imported_modules(path: pathlib.Path, top_level_only: bool = False) -> set[str]:
@@ -82,3 +82,12 @@ def test_no_import_cycle_between_modules():
 
     for module in graph:
         visit(module, [])
+
+
+def test_the_two_components_do_not_depend_on_each_other():
+    """VTC and LDS take their shared pieces (the rank-synchronised generator) from modules of their own."""
+    vtc = imported_modules(PACKAGE / "token_compression.py")
+    lds = imported_modules(PACKAGE / "layer_skip.py")
+    assert not any(name.startswith("sts_trainer.layer_skip") for name in vtc)
+    assert not any(name.startswith("sts_trainer.token_compression") for name in lds)
+    assert "sts_trainer.randomness" in vtc and "sts_trainer.randomness" in lds

@@ -33,6 +33,34 @@ def test_each_stage_gets_its_section_and_explicit_options_win(tmp_path):
     assert make(tmp_path).for_stage("instruction").sts_vtc == "auto"  # no preset: nothing changes
 
 
+def test_an_option_given_at_its_default_value_still_wins(tmp_path):
+    args = make(tmp_path, sts_preset="sts_plus", vtc_keep_ratio=0.5)  # 0.5 is the default; the preset says 0.15
+    assert args.for_stage("instruction").vtc_keep_ratio == 0.5
+    assert make(tmp_path, sts_preset="sts_plus").for_stage("instruction").vtc_keep_ratio == 0.15
+    later = make(tmp_path, sts_preset="sts_plus")
+    later.vtc_keep_ratio = 0.3  # set after construction: not the default, so given
+    assert later.for_stage("instruction").vtc_keep_ratio == 0.3
+    positional = STSTrainingArguments(str(tmp_path), sts_preset="sts_plus", report_to="none")
+    assert positional.for_stage("instruction").vtc_keep_ratio == 0.15
+
+
+def test_the_command_line_passes_on_only_what_was_given(tmp_path):
+    from sts_trainer.llava.train import parse
+
+    common = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", str(tmp_path),
+              "--report_to", "none", "--sts_preset", "sts_plus"]
+    _, _, given = parse([*common, "--vtc_keep_ratio", "0.5"])
+    assert given.for_stage("instruction").vtc_keep_ratio == 0.5
+    _, _, defaulted = parse(common)
+    assert defaulted.for_stage("instruction").vtc_keep_ratio == 0.15
+    # and a plain TrainingArguments upgraded by the trainer gives none
+    from transformers import TrainingArguments
+
+    upgraded = STSTrainingArguments.from_training_arguments(TrainingArguments(str(tmp_path), report_to="none"))
+    upgraded.sts_preset = "sts_plus"
+    assert upgraded.for_stage("instruction").vtc_keep_ratio == 0.15
+
+
 def test_the_plan_of_each_stage_uses_the_preset(tmp_path):
     args = make(tmp_path, sts_preset=str(CONFIGS / "sts_plus.yaml"))
     aligned = plan_sparsity(freeze_for_alignment(tiny_llava()), args)

@@ -27,7 +27,7 @@ from sts_trainer.lab.tiny import (
     tiny_llava,
     tiny_llava_config,
 )
-from sts_trainer.layer_skip import decision_generator
+from sts_trainer.randomness import decision_generator
 from sts_trainer.token_compression import (
     TokenCompressor,
     compress_batch,
@@ -389,6 +389,37 @@ def test_a_packed_batch_stays_packed():
     assert (out["input_ids"][0, width - filler :] == PAD_TOKEN_ID).all()
 
 
+def test_flash_attention_and_sequence_inputs_of_a_packed_batch_are_rebuilt():
+    """DataCollatorWithFlattening's flash-attention kwargs, sequence index and shifted labels describe the shortened
+    sequence, as the collator itself would write them for the compressed samples."""
+    from transformers import DataCollatorWithFlattening
+
+    samples = synthetic_samples(3, tiny_llava_config(), images_per_sample=(1, 2, 1), seed=7)
+    features = [{"input_ids": s["input_ids"].tolist(), "labels": s["labels"].tolist()} for s in samples]
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True, return_tensors="pt")
+    batch = collator(features)
+    batch["shift_labels"] = torch.cat([batch["labels"][:, 1:], torch.full((1, 1), -100)], 1)
+    batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
+    out, _ = compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "compact")
+    k = num_kept(TOKENS_PER_IMAGE, 0.25)
+    lengths = [len(s["input_ids"]) - s["pixel_values"].shape[0] * (TOKENS_PER_IMAGE - k) for s in samples]
+    # what the collator writes for samples of the compressed lengths
+    shortened = [{"input_ids": out["input_ids"][0, a:b].tolist(), "labels": out["labels"][0, a:b].tolist()}
+                 for a, b in itertools.pairwise([0, *itertools.accumulate(lengths)])]
+    expected = collator(shortened)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "position_ids", "labels"):
+        assert torch.equal(out[key], expected[key]), key
+    assert out["max_length_q"] == out["max_length_k"] == expected["max_length_q"] == max(lengths)
+    assert out["cu_seq_lens_q"].dtype == batch["cu_seq_lens_q"].dtype
+    shifted = torch.cat([expected["labels"][:, 1:], torch.full((1, 1), -100)], 1)
+    shifted[0, torch.tensor(list(itertools.accumulate(lengths)))[:-1] - 1] = -100  # no label across a boundary
+    assert torch.equal(out["shift_labels"], shifted)
+    # without position ids, they cannot be rebuilt: named
+    del batch["position_ids"]
+    with pytest.raises(ValueError, match="cu_seq_lens_q.*position_ids"):
+        compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "compact")
+
+
 def test_a_packed_batch_with_original_positions_is_refused():
     samples = synthetic_samples(2, tiny_llava_config(), images_per_sample=(1,), seed=7)
     batch = pack([samples])
@@ -487,6 +518,43 @@ def test_template_token_ids_are_the_chat_templates_and_the_special_ones():
         "{{ m['role'] }} says: {{ m['content'] }}\n{% endfor %}"
     )
     assert template_token_ids(plain) == {0, 1, 2, 3, 4, 5, 6, 7}
+
+
+# Qwen2-VL's chat template (Qwen2.5-VL ships the same one): a conversation without a system turn gets the default
+# system prompt.
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_the_default_system_prompt_of_qwen_vl_templates_is_left_out_of_the_query():
+    """Qwen2-VL / Qwen2.5-VL write "You are a helpful assistant." only where a conversation has no system turn (the
+    usual training sample); its words are the template's, not the instruction's."""
+    words = ["<pad>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "You", "are", "a", "helpful",
+             "assistant.", "placeholder", "what", "colour", "<unk>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    ids = template_token_ids(tokenizer)
+    prompt = set(tokenizer.convert_tokens_to_ids(["You", "are", "a", "helpful", "assistant."]))
+    assert prompt <= ids
+    assert tokenizer.convert_tokens_to_ids("placeholder") not in ids
+    assert not {tokenizer.convert_tokens_to_ids(w) for w in ("what", "colour")} & ids
+    # a sample as Qwen's processor writes it: what the query keeps is the user's words only
+    sample = tokenizer.apply_chat_template([{"role": "user", "content": "what colour"}], tokenize=False)
+    kept = [t for t in tokenizer(sample, add_special_tokens=False)["input_ids"] if t not in ids]
+    assert tokenizer.convert_ids_to_tokens(kept) == ["what", "colour"]
 
 
 class LengthProbe:

@@ -209,9 +209,9 @@ def test_auto_on_a_model_sts_cannot_sparsify_trains_exactly_like_trainer(kind, t
     assert_same_weights(plain_model, sts_model)  # the best checkpoint, restored at the end
     assert torch.equal(torch.as_tensor(plain_predictions), torch.as_tensor(sts_predictions))
     assert plain.state.total_flos == sts.state.total_flos
-    # the same checkpoints, plus the report saying why nothing was sparsified
-    assert _checkpoint_files(tmp_path / "plain") == [f for f in _checkpoint_files(tmp_path / "sts") if f != "sts_savings.json"]
-    report = json.load(open(tmp_path / "sts" / "sts_savings.json"))["totals"]
+    # the same folder as Trainer's: nothing sparsified, no report (the warning says why)
+    assert _checkpoint_files(tmp_path / "plain") == _checkpoint_files(tmp_path / "sts")
+    report = sts.sts_ledger.totals()
     assert report["sparsified"] is False and "does not know the architecture" in report["not_sparsified_reason"]
     warnings = [r.getMessage() for r in caplog.records if "not sparsified" in r.getMessage()]
     assert len(warnings) == 1 and "sts_decoder_layers" in warnings[0]
@@ -289,11 +289,29 @@ def test_a_model_with_nothing_trainable_is_a_named_error(out_dir):
         trainer.train()
 
 
-def test_torch_compile_with_lds_is_refused_by_name(out_dir):
-    trainer = STSTrainer(model=tiny_llava(), args=training_args(out_dir, torch_compile=True),
-                         train_dataset=tiny_dataset(), data_collator=collate)
+@pytest.mark.parametrize("explicit", [dict(sts_lds="on"), dict(sts_stage="instruction")], ids=["sts_lds", "stage"])
+def test_torch_compile_with_lds_asked_for_is_refused_by_name(out_dir, explicit):
     with pytest.raises(ValueError, match="torch_compile=True cannot be combined with LDS.*sts_lds='off'"):
-        trainer.train()
+        STSTrainer(model=tiny_llava(), args=training_args(out_dir, torch_compile=True, **explicit),
+                   train_dataset=tiny_dataset(), data_collator=collate)
+
+
+def test_torch_compile_under_auto_turns_lds_off_with_one_warning(out_dir, caplog):
+    with caplog.at_level("WARNING", logger="sts_trainer"):
+        trainer = STSTrainer(model=tiny_llava(), args=training_args(out_dir, torch_compile=True),
+                             train_dataset=tiny_dataset(), data_collator=collate)
+        trainer._install_sts(None)
+    try:
+        assert trainer.sts_plan.stage == "instruction" and not trainer.sts_plan.lds and not trainer._components
+        assert trainer.sts_plan.not_sparsified.startswith("LDS is off: torch_compile=True")
+        assert not trainer.args.ddp_find_unused_parameters  # DDP set up as for Trainer
+        warnings = [r.getMessage() for r in caplog.records if "LDS is off" in r.getMessage()]
+        assert len(warnings) == 1 and "sts_lds='on'" in warnings[0]
+    finally:
+        trainer._remove_sts()
+    # VTC stays on where it is the stage's component: only LDS goes
+    plan = plan_sparsity(tiny_llava(), training_args(out_dir, torch_compile=True, sts_vtc="on"))
+    assert plan.vtc and not plan.lds and plan.not_sparsified is None and plan.note.startswith("LDS is off")
 
 
 class PositionalDecoder(nn.Module):

@@ -21,7 +21,7 @@ import math
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -154,7 +154,10 @@ def stage_options(args: PlanArguments, recipe: str | dict | None, stage: str) ->
             path = Path(folder) / "recipe.yaml"
             path.write_text(json.dumps(recipe))  # JSON is YAML
             recipe = str(path)
-        flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")}
+        # the planner's flags that differ from the trainer's defaults count as given (its parser fills in the rest)
+        defaults = {f.name: f.default for f in fields(STSTrainingArguments)}
+        flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")
+                 if getattr(args, name) != defaults[name]}
         staged = STSTrainingArguments(output_dir=folder, report_to="none", sts_preset=recipe, **flags).for_stage(stage)
     options = {name: getattr(staged, name) for name in PRESET_OPTION_NAMES}
     options["vtc"] = staged.sts_vtc == "on" or (staged.sts_vtc == "auto" and stage == "alignment")

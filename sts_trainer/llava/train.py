@@ -11,6 +11,7 @@ Stage 1 (`--training_stage alignment`) trains only the projector, with the Visua
 fully or with LoRA, with the Layer Dynamic Skipper. The STS options are those of `STSTrainingArguments`.
 """
 
+import argparse
 import contextlib
 import json
 import logging
@@ -369,12 +370,15 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, STSTrainingAr
         with open(argv[0]) as f:
             settings = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
     else:
-        # Parse once without building the arguments' dataclasses' side effects twice: argv -> dict -> dataclasses.
-        namespace, unknown = parser.parse_known_args(argv)
+        # argv -> the options given (each destination starts at a marker that argparse overwrites only for an
+        # option on the command line, so an option given at its default value counts as given: sts_preset sets the
+        # others) -> dataclasses.
+        given = object()
+        blank = argparse.Namespace(**{action.dest: given for action in parser._actions})
+        namespace, unknown = parser.parse_known_args(argv, namespace=blank)
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        defaults = vars(parser.parse_known_args([])[0])
-        settings = {k: v for k, v in vars(namespace).items() if v != defaults.get(k)}
+        settings = {k: v for k, v in vars(namespace).items() if v is not given}
     return parser.parse_dict(_prepare_cpu(settings))
 
 

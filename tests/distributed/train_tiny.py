@@ -8,6 +8,9 @@
 
 Writes DIR/layers_rank{R}.jsonl: one line per training forward, {"step", "layers": indices of the layers that ran,
 "visual": image placeholders the language model received} (VTC in instruction tuning: --sts_vtc on).
+With --force_skip K:I,J layers I and J are skipped in every micro-batch of step K and no layer is skipped otherwise;
+DIR/layer_weights.pt (rank 0) then holds the decoder layers' full weights before and after step K ("before",
+"after"); --unguarded turns off the optimizer guard that keeps such a layer still (to show what it prevents).
 With --exit_at_step K the process dies (os._exit) right after the checkpoint of step K is written. With
 --text_only_rank R the data is in order (sequential sampling) and rank R's batches have no image, the others' one
 image per sample. DIR/result.json (rank 0): global_step, world_size, the logged losses, whether FSDP was on, and with
@@ -50,6 +53,34 @@ class CPUFSDPTrainer(STSTrainer):
         self.is_fsdp_enabled = True
 
 
+def full_weights(trainer, layers) -> dict[str, torch.Tensor]:
+    """The decoder layers' weights, whole, on every backend (a collective under ZeRO-3 and FSDP: every rank calls it)."""
+    params = dict(layers.named_parameters())
+    if trainer.is_deepspeed_enabled:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {name: p.detach().clone() for name, p in params.items()}
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in params.items()}
+
+
+class WeightsAroundStep(TrainerCallback):
+    """The decoder layers' weights before and after optimizer step `step`, saved by rank 0."""
+
+    def __init__(self, step, layers, path):
+        self.step, self.layers, self.path, self.trainer, self.weights = step, layers, path, None, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step and "before" not in self.weights:
+            self.weights["before"] = full_weights(self.trainer, self.layers)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step + 1 and "after" not in self.weights:
+            self.weights["after"] = full_weights(self.trainer, self.layers)
+            if state.is_world_process_zero:
+                torch.save(self.weights, self.path)
+
+
 class ExitAfterSave(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -84,7 +115,21 @@ def main():
     parser.add_argument("--sts_blank_image", default="auto")
     parser.add_argument("--freeze_vision", action="store_true")  # LLaVA's instruction tuning: the tower is frozen
     parser.add_argument("--evaluate", action="store_true")  # at step 2 during training, and once after it
+    parser.add_argument("--force_skip", default=None)  # "K:I,J": layers I, J skipped in every micro-batch of step K
+    parser.add_argument("--unguarded", action="store_true")  # no LayerSkipper.guard_optimizer
     cli = parser.parse_args()
+    if cli.force_skip:
+        from sts_trainer.layer_skip import LayerSkipper
+
+        forced_step, forced = cli.force_skip.split(":")
+        forced_step, forced = int(forced_step), {int(i) for i in forced.split(",")}
+
+        def probabilities(self, step, total_steps):  # p = 1 for the forced layers at the forced step, else 0
+            return [float(step == forced_step and i in forced) for i in range(len(self.layers))]
+
+        LayerSkipper.probabilities = probabilities
+        if cli.unguarded:
+            LayerSkipper.guard_optimizer = lambda self, optimizer: None
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", 0))
@@ -144,6 +189,11 @@ def main():
         data_collator=collate,
         callbacks=[ExitAfterSave(cli.exit_at_step)] if cli.exit_at_step else [],
     )
+    if cli.force_skip:
+        around = WeightsAroundStep(forced_step, model.model.language_model.layers,
+                                   os.path.join(cli.out, "layer_weights.pt"))
+        around.trainer = trainer
+        trainer.add_callback(around)
 
     os.makedirs(cli.out, exist_ok=True)
     records = open(os.path.join(cli.out, f"layers_rank{rank}.jsonl"), "a")
