@@ -29,7 +29,7 @@ def test_quick_experiment_writes_every_variant(quick):
     out, _, result = quick
     names = [row["variant"] for row in result["rows"]]
     assert names == [v.name for v in experiment.VARIANTS]
-    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 22
+    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 24
     assert "VTC-I uniform 0.1 + full 0.1 + LDS (after VTC uniform 0.5)" in names
     for strategy in ("uniform", "random", "instruction"):
         assert f"VTC {strategy} 0.5" in names and f"VTC {strategy} 0.25" in names
@@ -37,7 +37,9 @@ def test_quick_experiment_writes_every_variant(quick):
     assert saved["rows"] == result["rows"] and len(saved["per_seed"]) == 1
     table = (out / "accuracy.md").read_text()
     # three tables: two with a line per variant, the token profile with the testbed's and LLaVA-1.5-7B's lines
-    assert table.count("\n|") == 2 * (len(names) + 2) + 4
+    # five tables: the summary, the equivalence one and two more with a line per variant, the token profile
+    assert table.count("\n|") == 4 * (len(names) + 2) + 4
+    assert "| variant | regime | retention | 95% low | 95% high | LLaVA-1.5-7B FLOPs saved |" in table
     assert all(category in table for category in CATEGORIES)
     # the line format docs/accuracy.md keeps, read by scripts: | STS ... | ... | retention | ...
     sts_line = next(line for line in table.splitlines() if line.startswith("| STS"))
@@ -59,7 +61,7 @@ def test_quick_experiment_columns_and_references(quick):
     baseline = rows["baseline"]
     if "retention" in baseline:
         assert baseline["retention"]["mean"] == pytest.approx(1.0)
-        assert baseline["pooled_retention"] == {"point": 1.0, "ci95": [1.0, 1.0]}
+        assert baseline["pooled_retention"] == {"point": 1.0, "ci95": [1.0, 1.0], "equivalence": "within 1 point"}
     assert baseline["flops_saved"]["mean"] == 0.0 and baseline["wall_clock_saved"]["mean"] == 0.0
     # VTC saves only in stage 1, LDS only in stage 2; every run of a stage counted the same dense FLOPs.
     for name, row in rows.items():
@@ -154,3 +156,92 @@ def test_retention_interval_is_paired():
         experiment.retention_interval(variant[:, :10], baseline, 10)
     with pytest.raises(ValueError, match="undefined"):
         experiment.retention_interval(variant, np.zeros_like(baseline), 10)
+
+
+def test_zero_filled_skipped_layers_train_as_zero_did_before_the_guard():
+    """The comparison variant: a layer skipped in the whole step gets a zero gradient, and AdamW moves it."""
+    import torch
+
+    from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
+    from sts_trainer.layer_skip import LayerSkipper
+
+    def layer1_moves(context):
+        model = tiny_llava(seed=0)
+        with context:
+            skipper = LayerSkipper(alpha=0.0)
+            skipper.install(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            skipper.split_param_groups(optimizer)
+            skipper.guard_optimizer(optimizer)
+        batch = collate(synthetic_samples(2, tiny_llava_config()))
+        layer = model.model.language_model.layers[1]
+        for step in range(3):
+            skipper.probabilities = lambda s, total, _step=step: [float(_step == 2 and i == 1) for i in range(4)]
+            before = [p.detach().clone() for p in layer.parameters()]
+            with skipper.micro_batch(step, 0, 3):
+                model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        skipper.remove()
+        return any(not torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+    import contextlib
+
+    assert layer1_moves(experiment.zero_filled_skipped_layers())
+    assert not layer1_moves(contextlib.nullcontext())
+    assert LayerSkipper.guard_optimizer.__name__ == "guard_optimizer"  # restored
+
+
+def test_the_interval_is_crossed_seeds_that_answer_alike_add_no_information():
+    """Every seed answers the same questions: five seeds whose answers are identical are worth one seed, and the
+    interval must be as wide as one seed's (a nested resample, questions drawn afresh per seed, would shrink it by
+    about sqrt(5))."""
+    rng = np.random.default_rng(1)
+    base_row = (rng.random(400) < 0.6).astype(float)
+    variant_row = base_row * (rng.random(400) < 0.85)
+    one = experiment.retention_interval(variant_row[None], base_row[None], 2000)
+    five = experiment.retention_interval(np.tile(variant_row, (5, 1)), np.tile(base_row, (5, 1)), 2000)
+    assert five[0] == pytest.approx(one[0])
+    assert (five[2] - five[1]) == pytest.approx(one[2] - one[1], rel=0.15)
+
+
+def test_chance_adjusted_retention_and_equivalence():
+    questions = [{"category": "existence", "answer": a} for a in ("yes", "no")] * 2 + [
+        {"category": "ocr", "answer": w} for w in ("cat", "dog", "sun", "car")]
+    chance = experiment.chance_per_question(questions)
+    assert chance.tolist() == [0.5] * 4 + [0.25] * 4
+    baseline = np.array([[1, 1, 1, 0, 1, 1, 0, 0]], dtype=float)  # 62.5%, chance 37.5%
+    variant = np.array([[1, 0, 1, 0, 1, 0, 0, 0]], dtype=float)  # 37.5%: at chance
+    point, _, _ = experiment.retention_interval(variant, baseline, 50, chance=chance)
+    assert point == pytest.approx(0.0)
+    assert experiment.retention_interval(variant, baseline, 50)[0] == pytest.approx(0.6)
+    assert experiment.equivalence(0.992, 1.01) == "within 1 point"
+    assert experiment.equivalence(0.95, 0.985) == "below by more than 1 point"
+    assert experiment.equivalence(0.97, 1.0) == "undecided"
+
+
+def test_the_length_axis_scales_both_stages_and_the_scenes():
+    exp = experiment.ExperimentArguments(length=4)
+    assert (exp.scaled("train_samples"), exp.scaled("alignment_steps"), exp.scaled("instruction_steps")) == (
+        4 * exp.train_samples, 4 * exp.alignment_steps, 4 * exp.instruction_steps)
+    assert experiment._training_args(exp, "stage2", 0, "/tmp/x", {}).max_steps == 4 * exp.instruction_steps
+    assert exp.regime(4) == "4x, 4 layers"
+    original = experiment.ExperimentArguments(vtc_position_ids="original")
+    assert experiment._training_args(original, "stage1", 0, "/tmp/x", {"vtc_keep_ratio": 0.5}).vtc_position_ids == (
+        "original")
+    with pytest.raises(ValueError, match="length"):
+        experiment.ExperimentArguments(length=0)
+
+
+def test_the_equal_compute_baseline_trains_densely_for_the_sts_variants_flops(quick):
+    _, _, result = quick
+    runs = result["runs"][0]
+    sts, budget = runs["STS (VTC uniform 0.5 + LDS)"], runs["dense at STS's FLOPs"]
+    assert all(stage["sts"] is None for stage in budget["stages"])  # dense in both stages
+    for index, name in enumerate(("alignment_steps", "instruction_steps")):
+        fraction = sts["stages"][index]["sts"]["actual_flops"] / sts["stages"][index]["sts"]["dense_flops"]
+        assert budget["stages"][index]["steps"] == max(1, round(experiment.QUICK[name] * fraction))
+    row = next(r for r in result["rows"] if r["variant"] == "dense at STS's FLOPs")
+    assert row["llava_plan_flops_saved"] is None and row["flops_saved"]["mean"] >= 0.0
+    with pytest.raises(ValueError, match="choose that variant too"):
+        experiment._budget_steps(experiment.ExperimentArguments(), {}, experiment.VARIANTS[-2])

@@ -17,6 +17,7 @@ questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per cat
     VTC <strategy> <r>   VTC, keep ratio r          dense          (uniform, random, instruction; r = 0.5, 0.25)
     LDS                  dense                      LDS (alpha 0.5, epsilon 0.5, quadratic: the paper's)
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
+    dense at STS's FLOPs dense, fewer steps          dense, fewer steps (equal compute: STS's FLOPs per stage)
     no alignment         skipped                    dense          (a control: what stage 1 is worth here)
 
 **Paired design.** Per seed, every variant trains on the same data, from the same initial weights (the foundation
@@ -24,8 +25,14 @@ models, and a projector initialised from the seed), on the same batches in the s
 stage 1 share its output (baseline and LDS; VTC uniform 0.5 and STS). Dense stages run with `sts_stage='none'`.
 
 **Statistics.** Retention = the variant's accuracy / the baseline's, pooled over seeds (the ratio of the means). Its
-95% interval is a paired bootstrap over seeds and questions: each resample draws seeds with replacement and, within
-each, questions with replacement, the same draws for the variant and the baseline. FLOPs saved = 1 - whole-run
+95% interval is a paired, crossed bootstrap over seeds and questions: every seed answers the same held-out questions,
+so each resample draws seeds with replacement and one resample of the questions shared by all of them, the same
+draws for the variant and the baseline (`retention_interval`). Each row also says whether retention is within 1
+point of 100% at 95% (`equivalence`), and gives the chance-adjusted retention (accuracy above a uniform guess among
+each category's answers, over the baseline's). All seeds share one foundation pair (one pretraining seed): the
+interval does not cover the variation between pretrained pairs. **Regime axes**: `--length` (both stages' steps and
+scenes times a factor), `--foundation deep` (a 12-layer language model at about the same FLOPs per token) and
+`--vtc_position_ids`. FLOPs saved = 1 - whole-run
 actual / whole-run dense training FLOPs (`flops.py`'s analytic count, from each stage's `sts` totals). A dense stage
 keeps no ledger, but it trains on exactly the micro-batches that the sparse runs of the same seed and stage count as
 their `dense_flops`, so that count is the baseline's FLOPs; the experiment warns if the runs of a stage disagree on
@@ -36,6 +43,7 @@ run the same command again and it trains only what is missing, so an interrupted
 can grow. `experiment.json` holds the arguments a folder's runs were made with; other arguments are refused.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -51,12 +59,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentP
 from transformers.utils import logging as hf_logging
 
 from ..arguments import STSTrainingArguments
+from ..layer_skip import LayerSkipper
 from ..llava.data import IMAGE_TOKEN, PLAIN_TEMPLATE, DataArguments, to_messages
 from ..llava.evaluate import evaluate_model, read_questions
 from ..llava.metrics.vqa_accuracy import normalize_answer
 from ..llava.train import ModelArguments, run
 from .demo import RECIPES
-from .foundation import DEFAULT_CACHE, QUICK_RECIPE, FoundationRecipe, build_foundation
+from .foundation import DEFAULT_CACHE, QUICK_RECIPE, SHIPPED_RECIPES, build_foundation
 from .synthetic import CATEGORIES, write_dataset
 
 logger = logging.getLogger("sts_trainer")
@@ -79,6 +88,7 @@ def _vtc_i(strategy: str, ratio: float, full: float = 0.0, lds: bool = False, **
 STAGE2 = {
     "dense": None,
     "LDS": {},
+    "LDS zero-filled": {},  # LDS as DeepSpeed ZeRO trained it before the optimizer guard (`zero_filled_skipped_layers`)
     "VTC-I diverse 0.1": _vtc_i("diverse", 0.1),
     "VTC-I diverse 0.1 + full 0.1": _vtc_i("diverse", 0.1, 0.1),
     "VTC-I uniform 0.1 + full 0.1": _vtc_i("uniform", 0.1, 0.1),
@@ -100,14 +110,19 @@ class Variant:
     name: str
     stage1: str  # key of STAGE1, or 'skipped'
     stage2: str  # key of STAGE2
+    # An equal-compute dense baseline: both stages dense, each cut to the steps that spend the training FLOPs the
+    # named variant's stage spent (the same seed's run of it, which must be chosen too).
+    budget_of: str | None = None
 
 
 VARIANTS = (
     Variant("baseline", "dense", "dense"),
     *(Variant(name, name, "dense") for name in STAGE1 if name != "dense"),
     Variant("LDS", "dense", "LDS"),
+    Variant("LDS with zero-gradient steps (ZeRO before the guard)", "dense", "LDS zero-filled"),
     Variant("STS (VTC uniform 0.5 + LDS)", "VTC uniform 0.5", "LDS"),
-    *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in list(STAGE2)[2:]),
+    *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in list(STAGE2)[3:]),
+    Variant("dense at STS's FLOPs", "dense", "dense", budget_of="STS (VTC uniform 0.5 + LDS)"),
     Variant("no alignment (control)", "skipped", "dense"),
 )
 COLUMNS = (*CATEGORIES, "overall", "retention", "flops_saved", "wall_clock_saved")
@@ -140,6 +155,23 @@ class ExperimentArguments:
                           "check of a testbed: --variants 'no alignment (control)'."},
     )
     bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the retention intervals."})
+    foundation: str = field(
+        default="default",
+        metadata={"help": "A regime axis: the toy foundation pair (foundation.SHIPPED_RECIPES): 'default', a 4-layer "
+                          "128-wide language model; 'deep', 12 layers 72 wide at about the same FLOPs per token.",
+                  "choices": ["default", "deep"]},
+    )
+    length: float = field(
+        default=1.0,
+        metadata={"help": "Training length, a regime axis: both stages' optimizer steps and training scenes times this "
+                          "(2, 4: a longer run on more distinct samples, so that no sample repeats more often than at "
+                          "1)."},
+    )
+    vtc_position_ids: str = field(
+        default="compact",
+        metadata={"help": "A regime axis: the position ids of every VTC setting ('compact' or 'original'; see "
+                          "STSTrainingArguments.vtc_position_ids).", "choices": ["compact", "original"]},
+    )
     foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained toy foundation "
                                                                            "models are cached (built when missing)."})
 
@@ -151,6 +183,12 @@ class ExperimentArguments:
             raise ValueError("train_samples, test_samples, alignment_steps, instruction_steps, batch_size and "
                              "bootstrap must be positive.")
 
+        if self.foundation not in ("default", "deep"):
+            raise ValueError(f"foundation={self.foundation!r} is not valid; choose default or deep.")
+        if self.length <= 0:
+            raise ValueError(f"length must be positive, got {self.length}.")
+        if self.vtc_position_ids not in ("compact", "original"):
+            raise ValueError(f"vtc_position_ids={self.vtc_position_ids!r} is not valid; choose compact or original.")
         known = [v.name for v in VARIANTS]
         unknown = sorted(set(self.chosen()) - set(known))
         if unknown:
@@ -160,6 +198,14 @@ class ExperimentArguments:
         if self.variants is None:
             return [v.name for v in VARIANTS]
         return list(dict.fromkeys(["baseline", *(name.strip() for name in self.variants.split(",") if name.strip())]))
+
+    def scaled(self, name: str) -> int:
+        """`train_samples`, `alignment_steps` or `instruction_steps` at this run's `length`."""
+        return max(1, round(getattr(self, name) * self.length))
+
+    def regime(self, lm_layers: int) -> str:
+        return f"{self.length:g}x, {lm_layers} layers" + (", original positions" if self.vtc_position_ids ==
+                                                            "original" else "")
 
     def defining(self) -> dict:
         """The arguments a run's result depends on: a folder's runs are only reused under the same ones."""
@@ -171,17 +217,40 @@ QUICK = dict(seeds=1, train_samples=24, test_samples=12, alignment_steps=2, inst
 
 
 def _training_args(exp: ExperimentArguments, stage: str, seed: int, output_dir: str,
-                   sts: dict | None) -> STSTrainingArguments:
-    steps, lr = (exp.alignment_steps, exp.alignment_lr) if stage == "stage1" else (exp.instruction_steps,
-                                                                                 exp.instruction_lr)
+                   sts: dict | None, steps: int | None = None) -> STSTrainingArguments:
+    full, lr = (exp.scaled("alignment_steps"), exp.alignment_lr) if stage == "stage1" else (
+        exp.scaled("instruction_steps"), exp.instruction_lr)
+    steps = steps or full
     args = STSTrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=exp.batch_size, learning_rate=lr,
         warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine", logging_steps=max(1, steps // 10),
         save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
         dataloader_num_workers=0, disable_tqdm=True, sts_stage="none" if sts is None else "auto",
-        **(sts or {}),
+        **{"vtc_position_ids": exp.vtc_position_ids, **(sts or {})},
     )
     return args
+
+
+@contextlib.contextmanager
+def zero_filled_skipped_layers():
+    """Train as DeepSpeed ZeRO did before `LayerSkipper.guard_optimizer`: a decoder layer skipped in the whole step
+    gets a zero gradient (ZeRO zero-fills its slice of the flat buffer) instead of none, so AdamW still moves it along
+    its momentum and decays it. In one process, for the paired comparison in docs/accuracy.md."""
+    def zero_fill(skipper, optimizer):
+        def fill(opt, args, kwargs):
+            for layer in skipper._patched:
+                for p in layer.parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
+
+        skipper._optimizer_hooks.append(optimizer.register_step_pre_hook(fill))
+
+    guard = LayerSkipper.guard_optimizer
+    LayerSkipper.guard_optimizer = zero_fill
+    try:
+        yield
+    finally:
+        LayerSkipper.guard_optimizer = guard
 
 
 def _done(path: str) -> dict | None:
@@ -201,13 +270,14 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
 
     def dataset(stage):
         if stage not in data:
-            data[stage] = write_dataset(data_dir, exp.train_samples, "train", seed, stage, image_size)
+            data[stage] = write_dataset(data_dir, exp.scaled("train_samples"), "train", seed, stage, image_size)
         return data[stage]
 
     compose = {"language_model": foundation["language_model"], "vision_tower": foundation["vision_tower"],
                "vision_feature_layer": -1}  # the encoder was pretrained on its last layer's patch tokens
 
-    def train(stage: str, key: str, sts: dict | None, output_dir: str, **model_args) -> dict:
+    def train(stage: str, key: str, sts: dict | None, output_dir: str, steps: int | None = None,
+              **model_args) -> dict:
         summary = _done(os.path.join(output_dir, "sts_train_summary.json"))
         if summary is not None:
             print(f"== seed {seed}: {stage} {key}: done before, reused ==", flush=True)
@@ -218,7 +288,7 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
         return run(
             ModelArguments(**model_args, training_stage=kind),
             DataArguments(data_path=files["data_path"], image_folder=files["image_folder"]),
-            _training_args(exp, stage, seed, output_dir, sts),
+            _training_args(exp, stage, seed, output_dir, sts, steps),
         )
 
     stage1 = {}
@@ -231,16 +301,28 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
 
     questions = read_questions(test["questions_path"])
     results = {}
-    # the baseline and the control first: what the testbed is worth shows after two runs
+    # the baseline and the control first: what the testbed is worth shows after two runs; equal-compute baselines
+    # after the variants whose FLOPs they spend
     chosen = [v for v in VARIANTS if v.name in exp.chosen()]
-    for variant in sorted(chosen, key=lambda v: v.name not in ("baseline", "no alignment (control)")):
-        output_dir = os.path.join(root, "stage2", variant.name.split(" (")[0].replace(" ", "_"))
+    for variant in sorted(chosen, key=lambda v: (v.name not in ("baseline", "no alignment (control)"),
+                                                 v.budget_of is not None)):
+        output_dir = os.path.join(root, "stage2", variant.name.split(" (")[0].replace(" ", "_").replace("'", ""))
         result = _done(os.path.join(output_dir, "result.json"))
+        budget, variant_stage1 = (None, None), variant.stage1
+        if variant.budget_of:  # its own dense stage 1, cut short (found, not retrained, when done before)
+            budget = _budget_steps(exp, results, variant)
+            variant_stage1 = f"dense, {budget[0]} steps"
+            if variant_stage1 not in stage1:
+                folder = os.path.join(root, "stage1", f"dense_{budget[0]}_steps")
+                stage1[variant_stage1] = train("stage1", variant_stage1, None, folder, budget[0], **compose)
         if result is None:
             # the control composes the model afresh: stage 2 starts from an untrained projector
             init = compose if variant.stage1 == "skipped" else {
-                "model_name_or_path": aligned(variant.stage1)["output_dir"]}
-            stage2 = train("stage2", variant.name, STAGE2[variant.stage2], output_dir, **init)
+                "model_name_or_path": (stage1[variant_stage1] if variant.budget_of else aligned(variant.stage1))[
+                    "output_dir"]}
+            zero_filled = variant.stage2 == "LDS zero-filled"
+            with zero_filled_skipped_layers() if zero_filled else contextlib.nullcontext():
+                stage2 = train("stage2", variant.name, STAGE2[variant.stage2], output_dir, budget[1], **init)
             start = time.perf_counter()
             model = AutoModelForImageTextToText.from_pretrained(output_dir)
             processor = AutoProcessor.from_pretrained(output_dir)
@@ -262,13 +344,26 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
                 json.dump(result, f, indent=1)
         else:
             print(f"== seed {seed}: stage2 {variant.name}: done before, reused ==", flush=True)
-        if variant.stage1 != "skipped":
+        if variant.stage1 != "skipped" and not variant.budget_of:
             aligned(variant.stage1)  # a reused stage 2 still reports its stage 1 (found, not retrained)
         results[variant.name] = {
-            "stages": [stage1.get(variant.stage1), result["stage2"]],
+            "stages": [stage1.get(variant_stage1), result["stage2"]],
             "scores": result["scores"], "eval_seconds": result["eval_seconds"], "correct": result["correct"],
         }
     return {v.name: results[v.name] for v in chosen}
+
+
+def _budget_steps(exp: ExperimentArguments, results: dict[str, dict], variant: Variant) -> tuple[int, int]:
+    """Per stage, the dense steps that spend the training FLOPs `variant.budget_of` spent in that stage (its
+    actual / dense FLOPs times the stage's steps; a dense step costs about the same at every step)."""
+    if variant.budget_of not in results:
+        raise ValueError(f"The variant {variant.name!r} spends the FLOPs of {variant.budget_of!r}: choose that variant "
+                         "too (--variants).")
+    steps = []
+    for stage, name in zip(results[variant.budget_of]["stages"], ("alignment_steps", "instruction_steps")):
+        fraction = stage["sts"]["actual_flops"] / stage["sts"]["dense_flops"] if stage and stage["sts"] else 1.0
+        steps.append(max(1, round(exp.scaled(name) * fraction)))
+    return steps[0], steps[1]
 
 
 def dense_references(results: dict[str, dict]) -> tuple[list[float | None], float]:
@@ -300,9 +395,12 @@ def seed_metrics(results: dict[str, dict]) -> tuple[dict[str, dict], dict]:
     metrics = {}
     for name, r in results.items():
         # a stage that did not run (the control's stage 1) costs nothing; a dense one costs the reference
+        # a dense stage cut short (an equal-compute baseline) costs the reference in proportion to its steps
+        full_steps = [base["stages"][0]["steps"] if base["stages"][0] else None, base["stages"][1]["steps"]]
         actual = [
-            0.0 if s is None else s["sts"]["actual_flops"] if s["sts"] else dense
-            for s, dense in zip(r["stages"], (dense1, dense2))
+            0.0 if s is None else s["sts"]["actual_flops"] if s["sts"] else
+            None if dense is None else dense * s["steps"] / (full or s["steps"])
+            for s, dense, full in zip(r["stages"], (dense1, dense2), full_steps)
         ]
         wall = sum(s["wall_clock_seconds"] for s in r["stages"] if s is not None)
         row = {c: r["scores"].get(f"{c}/exact_match") for c in CATEGORIES}
@@ -323,36 +421,67 @@ def seed_metrics(results: dict[str, dict]) -> tuple[dict[str, dict], dict]:
     return metrics, reference
 
 
-def retention_interval(correct: np.ndarray, baseline: np.ndarray, resamples: int, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float, float]:
-    """Pooled retention (mean accuracy / the baseline's) and its paired bootstrap interval over seeds and questions.
+def chance_per_question(questions: list[dict]) -> np.ndarray:
+    """Each held-out question's chance of being answered right by a uniform guess among its category's answers (the
+    distinct answers of that category in the held-out set: yes / no is 1/2, the written word 1/17, ...)."""
+    answers: dict[str, set] = {}
+    for q in questions:
+        answers.setdefault(q.get("category"), set()).add(normalize_answer(q["answer"]))
+    return np.array([1.0 / len(answers[q.get("category")]) for q in questions])
 
-    `correct` and `baseline` are (seeds, questions) arrays of 0/1, the same questions in the same order. A resample
-    draws seeds with replacement, then questions with replacement within each drawn seed, the same draws for both.
+
+def retention_interval(correct: np.ndarray, baseline: np.ndarray, resamples: int, seed: int = 0,
+                       level: float = 0.95, chance: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Pooled retention (mean accuracy / the baseline's) and its paired bootstrap interval over seeds and questions;
+    with `chance` (per question, `chance_per_question`), the chance-adjusted retention (accuracy above chance / the
+    baseline's accuracy above chance) instead.
+
+    `correct` and `baseline` are (seeds, questions) arrays of 0/1, the same questions in the same order for every
+    seed. The design is crossed, not nested: every seed answered the same questions, so a resample draws seeds with
+    replacement and *one* resample of the questions, shared by every drawn seed (and by the variant and the baseline).
+    Drawing the questions afresh per seed would treat each seed's questions as new ones and give intervals about a
+    quarter too narrow.
     """
     if correct.shape != baseline.shape:
         raise ValueError(f"Paired arrays differ in shape: {correct.shape} and {baseline.shape}.")
     if not baseline.any():
         raise ValueError("The baseline answered no question correctly: retention is undefined.")
     n_seeds, n_questions = correct.shape
+    chance = np.zeros(n_questions) if chance is None else np.asarray(chance, dtype=float)
     rng = np.random.default_rng(seed)
     ratios = []
     for start in range(0, resamples, 100):  # in chunks, to bound memory at 100 x seeds x questions indices
         count = min(100, resamples - start)
         seeds = rng.integers(0, n_seeds, (count, n_seeds, 1))
-        questions = rng.integers(0, n_questions, (count, n_seeds, n_questions))
-        kept = correct[seeds, questions].mean(axis=(1, 2))
-        base = baseline[seeds, questions].mean(axis=(1, 2))
+        questions = rng.integers(0, n_questions, (count, 1, n_questions))  # one draw for every seed
+        floor = chance[questions[:, 0]].mean(axis=1)
+        kept = correct[seeds, questions].mean(axis=(1, 2)) - floor
+        base = baseline[seeds, questions].mean(axis=(1, 2)) - floor
         ratios.append(np.divide(kept, base, out=np.full_like(kept, np.nan), where=base > 0))
     ratios = np.concatenate(ratios)
-    point = correct.mean() / baseline.mean()
+    point = (correct.mean() - chance.mean()) / (baseline.mean() - chance.mean())
     low, high = np.nanpercentile(ratios, [50 * (1 - level), 50 * (1 + level)])
     return float(point), float(low), float(high)
 
 
-def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], resamples: int) -> list[dict]:
+EQUIVALENCE_MARGIN = 0.01  # "keeps dense accuracy": retention within 1 point of 100% at 95%
+
+
+def equivalence(low: float, high: float, margin: float = EQUIVALENCE_MARGIN) -> str:
+    """What a retention interval says against 100%: 'within 1 point' when its lower bound is >= 1 - margin (at 95%,
+    the variant loses at most `margin`), 'below' when even its upper bound is under 1 - margin, else 'undecided'."""
+    if low >= 1 - margin:
+        return f"within {100 * margin:g} point"
+    if high < 1 - margin:
+        return f"below by more than {100 * margin:g} point"
+    return "undecided"
+
+
+def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], resamples: int,
+              chance: np.ndarray | None = None) -> list[dict]:
     """One row per variant: every metric's mean, min, max and standard deviation over seeds; the pooled retention
-    with its bootstrap interval."""
+    with its crossed bootstrap interval and what it says against 100% (`equivalence`); with `chance`, the
+    chance-adjusted retention too."""
     rows = []
     for variant in (v for v in VARIANTS if v.name in per_seed[0]):
         row = {"variant": variant.name, "stage1": variant.stage1, "stage2": variant.stage2}
@@ -366,7 +495,11 @@ def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], r
         row["llava_plan_flops_saved"] = planned_saving(variant)
         if correct["baseline"].any():  # else retention is undefined, left out (a smoke run may score 0%)
             point, low, high = retention_interval(correct[variant.name], correct["baseline"], resamples)
-            row["pooled_retention"] = {"point": point, "ci95": [low, high]}
+            row["pooled_retention"] = {"point": point, "ci95": [low, high], "equivalence": equivalence(low, high)}
+            if chance is not None and correct["baseline"].mean() > chance.mean():
+                point, low, high = retention_interval(correct[variant.name], correct["baseline"], resamples,
+                                                      chance=chance)
+                row["chance_adjusted_retention"] = {"point": point, "ci95": [low, high]}
         rows.append(row)
     return rows
 
@@ -374,7 +507,7 @@ def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], r
 def planned_saving(variant: Variant) -> float | None:
     """The whole-run training FLOPs `sts-plan` predicts the variant's two stages save on LLaVA-1.5-7B (its recipe:
     558K alignment and 665K instruction samples); None for the control, which skips a stage."""
-    if variant.stage1 == "skipped" or not LLAVA_CONFIG.exists():
+    if variant.stage1 == "skipped" or variant.budget_of or not LLAVA_CONFIG.exists():
         return None
     from .plan import PlanArguments, price_run
 
@@ -443,14 +576,43 @@ def markdown(rows: list[dict], profile: dict, exp: ExperimentArguments, foundati
         r = row["pooled_retention"]
         return f"{_pct(r['point'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]"
 
-    headers = [*CATEGORIES, "overall", "retention [95% CI]", "FLOPs saved", "wall-clock saved"]
+    regime = exp.regime(foundation["lm_layers"])
     lines = [
-        f"Machine: {machine}. Recipe: {exp.seeds} seed(s); {exp.train_samples} training scenes per stage and seed; "
-        f"{exp.alignment_steps} alignment + {exp.instruction_steps} instruction steps of batch {exp.batch_size}; a "
+        "Summary (retention pooled over seeds, crossed bootstrap 95% interval over seeds and questions; FLOPs saved: "
+        "the variant's two stages priced on LLaVA-1.5-7B by sts-plan):",
+        "",
+        "| variant | regime | retention | 95% low | 95% high | LLaVA-1.5-7B FLOPs saved |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "pooled_retention" in row:
+            r, planned = row["pooled_retention"], row.get("llava_plan_flops_saved")
+            lines.append(f"| {row['variant']} | {regime} | {_pct(r['point'])} | {_pct(r['ci95'][0])} | "
+                         f"{_pct(r['ci95'][1])} | {'' if planned is None else _pct(planned)} |")
+    lines += [
+        "",
+        "Against 100% (within 1 point: the 95% interval's lower bound is at least 99%) and above chance (accuracy above "
+        "a uniform guess among each category's answers, over the baseline's):",
+        "",
+        "| variant | retention vs 100% | chance-adjusted retention [95% CI] |",
+        "|---|---|---:|",
+    ]
+    for row in rows:
+        if "pooled_retention" in row:
+            adjusted = row.get("chance_adjusted_retention")
+            cell = "" if adjusted is None else (f"{_pct(adjusted['point'])} [{_pct(adjusted['ci95'][0])}, "
+                                                f"{_pct(adjusted['ci95'][1])}]")
+            lines.append(f"| {row['variant']} | {row['pooled_retention']['equivalence']} | {cell} |")
+    headers = [*CATEGORIES, "overall", "retention [95% CI]", "FLOPs saved", "wall-clock saved"]
+    lines += [
+        "",
+        f"Machine: {machine}. Recipe: {exp.seeds} seed(s); {exp.scaled('train_samples')} training scenes per stage "
+        f"and seed; {exp.scaled('alignment_steps')} alignment + {exp.scaled('instruction_steps')} instruction steps "
+        f"of batch {exp.batch_size}; a "
         f"{foundation['lm_layers']}-layer, {foundation['lm_hidden_size']}-wide pretrained language model; "
         f"{foundation['visual_tokens']} visual tokens per image; {exp.test_samples} held-out questions. "
         "Numbers in %. Categories: mean over seeds; overall, FLOPs and wall-clock saved: mean over seeds (min-max); "
-        "retention: pooled over seeds, with its paired bootstrap 95% interval over seeds and questions. FLOPs and "
+        "retention: pooled over seeds, with its crossed bootstrap 95% interval over seeds and questions. FLOPs and "
         "wall-clock saved cover the whole run (both stages) against the baseline.",
         "",
         "| variant | " + " | ".join(headers) + " |",
@@ -497,9 +659,13 @@ def machine_description() -> str:
 
 
 def _check_folder(exp: ExperimentArguments) -> None:
-    """Refuse to mix runs made with other arguments into this folder's results."""
+    """Refuse to mix runs made with other arguments into this folder's results. An argument the folder's file does not
+    name (one added to the experiment since) counts as at its default."""
     path = os.path.join(exp.output_dir, "experiment.json")
     before = _done(path)
+    defaults = ExperimentArguments().defining()
+    if before is not None:
+        before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
     if before is not None and before != exp.defining():
         changed = sorted(k for k in set(before) | set(exp.defining()) if before.get(k) != exp.defining().get(k))
         raise ValueError(f"{exp.output_dir} holds runs made with other arguments ({', '.join(changed)} differ): "
@@ -517,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
-    recipe = QUICK_RECIPE if exp.quick else FoundationRecipe()
+    recipe = QUICK_RECIPE if exp.quick else SHIPPED_RECIPES[exp.foundation]
     foundation = build_foundation(recipe, exp.foundation_cache) | asdict(recipe) | {
         "visual_tokens": recipe.visual_tokens}
     print(f"Foundation models (recipe {recipe.key()}): {os.path.dirname(foundation['report'])}", flush=True)
@@ -536,7 +702,8 @@ def main(argv: list[str] | None = None) -> dict:
             correct[name].append(r["correct"])
         print(f"seed {seed} done after {time.perf_counter() - start:.0f} s: "
               + ", ".join(f"{name} {100 * m['overall']:.1f}%" for name, m in metrics.items()), flush=True)
-    rows = aggregate(per_seed, {k: np.array(v, dtype=float) for k, v in correct.items()}, exp.bootstrap)
+    rows = aggregate(per_seed, {k: np.array(v, dtype=float) for k, v in correct.items()}, exp.bootstrap,
+                     chance_per_question(read_questions(test["questions_path"])))
     processor = AutoProcessor.from_pretrained(foundation["processor"])
     profile = token_profile(exp, foundation, references, processor)
     machine = machine_description()
