@@ -38,7 +38,9 @@ def test_quick_experiment_writes_every_variant(quick):
     table = (out / "accuracy.md").read_text()
     # three tables: two with a line per variant, the token profile with the testbed's and LLaVA-1.5-7B's lines
     # five tables: the summary, the equivalence one and two more with a line per variant, the token profile
-    assert table.count("\n|") == 4 * (len(names) + 2) + 4
+    # (the first two have no rows when a few steps left the baseline at 0%: retention undefined)
+    per_variant = 4 if "pooled_retention" in result["rows"][0] else 2
+    assert table.count("\n|") == per_variant * len(names) + 4 * 2 + 4
     assert "| variant | regime | retention | 95% low | 95% high | LLaVA-1.5-7B FLOPs saved |" in table
     assert all(category in table for category in CATEGORIES)
     # the line format docs/accuracy.md keeps, read by scripts: | STS ... | ... | retention | ...
