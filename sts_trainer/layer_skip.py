@@ -134,7 +134,7 @@ class LayerSkipper:
         self._original_classes: list[type] | None = None
         self._skipped_all_step: list[bool] | None = None  # skipped in every micro-batch since the optimizer's step
         self._optimizer_hooks: list = []
-        self._guarded: list[torch.optim.Optimizer] = []
+        self._guarded = False  # an optimizer is guarded (`guard_optimizer`)
 
     def install(self, model: nn.Module) -> None:
         if self._original_classes is not None:
@@ -162,7 +162,7 @@ class LayerSkipper:
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
-        self._guarded.clear()
+        self._guarded = False
         self._original_classes = None
 
     @contextlib.contextmanager
@@ -256,7 +256,7 @@ class LayerSkipper:
         the first optimizer given is guarded (until `remove()`)."""
         if self._guarded:  # the first optimizer given, the one that steps: Trainer asks for it more than once, and
             return  # later gets the engine's wrapper of it (DeepSpeed's), which steps it
-        self._guarded.append(optimizer)
+        self._guarded = True
         hidden: dict[int, tuple[dict, list]] = {}  # id(group) -> (group, its parameters)
 
         def before_step(opt, args, kwargs):

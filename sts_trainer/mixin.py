@@ -501,7 +501,7 @@ class STSMixin:
         rank = self.args.process_index
         if rank == 0 or not ledger.ranks:
             self.sts_ledger.records = ledger.records  # rank 0's micro-batches, its own
-        elif rank < len(ledger.ranks):  # another rank's totals before the checkpoint; rank 0's file has no records of it
+        elif rank < len(ledger.ranks):  # another rank: its totals before the checkpoint (not its records)
             self.sts_ledger.resumed = ledger.ranks[rank]
         self.sts_ledger.wall_clock_seconds = ledger.wall_clock_seconds
         self.sts_ledger.flops_not_counted = self.sts_ledger.flops_not_counted or ledger.flops_not_counted

@@ -43,7 +43,6 @@ from ..arguments import STSTrainingArguments
 from ..flops import micro_batch_flops
 from ..token_compression import diverse_indices, num_kept, uniform_indices
 from ..trainer import STSTrainer
-from . import gpu_bench
 from .tiny import collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
 
 
@@ -66,13 +65,23 @@ QUICK = Setup(hidden_size=64, num_layers=4, patch_size=8, image_size=48, prompt_
 
 
 class StepTimer(TrainerCallback):
+    """Each optimizer step's wall-clock; on a GPU the device is synchronised at both ends, so the step's kernels are
+    inside the time (they run asynchronously to the Python that launches them)."""
+
     def __init__(self):
         self.times: list[float] = []
 
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -335,15 +344,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="measured steps per run (default 8)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run; the numbers mean nothing")
     parser.add_argument("--from_json", default=None, help="only re-render the table of a saved bench.json")
-    parser.add_argument("--profile", default=None, choices=sorted(gpu_bench.PROFILES),
-                        help="a real model's layer shapes, on one GPU (sts_trainer/lab/gpu_bench.py): writes "
-                             "bench-gpu.json and bench-gpu.md")
+    parser.add_argument("--profile", default=None,
+                        help="a real model's layer shapes (llava-1.5-7b), on one GPU (sts_trainer/lab/gpu_bench.py): "
+                             "writes bench-gpu.json and bench-gpu.md")
     parser.add_argument("--reduced", action="store_true",
                         help="with --profile: the same rows at a width a CPU runs in seconds (numbers meaningless)")
     parser.add_argument("--llm_layers", type=int, default=None,
                         help="with --profile: decoder layers of the language model (default: the profile's)")
     cli = parser.parse_args(argv)
     if cli.profile:
+        from . import gpu_bench  # imports this module (its step timer)
+
+        if cli.profile not in gpu_bench.PROFILES:
+            parser.error(f"--profile {cli.profile!r}: choose one of {', '.join(gpu_bench.PROFILES)}.")
         profile = gpu_bench.PROFILES[cli.profile]
         profile = gpu_bench.reduced(profile) if cli.reduced else profile
         overrides = {k: v for k, v in (("llm_layers", cli.llm_layers), ("rounds", cli.rounds), ("steps", cli.steps))

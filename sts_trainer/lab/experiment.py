@@ -591,8 +591,8 @@ def markdown(rows: list[dict], profile: dict, exp: ExperimentArguments, foundati
                          f"{_pct(r['ci95'][1])} | {'' if planned is None else _pct(planned)} |")
     lines += [
         "",
-        "Against 100% (within 1 point: the 95% interval's lower bound is at least 99%) and above chance (accuracy above "
-        "a uniform guess among each category's answers, over the baseline's):",
+        "Against 100% (within 1 point: the 95% interval's lower bound is at least 99%) and above chance (accuracy "
+        "above a uniform guess among each category's answers, over the baseline's):",
         "",
         "| variant | retention vs 100% | chance-adjusted retention [95% CI] |",
         "|---|---|---:|",

@@ -19,9 +19,9 @@ Rows, as the CPU benchmark's (`sts_trainer.lab.bench`): `Trainer`; `STSTrainer` 
 in alignment, each beside its oracle (plain `Trainer` on images whose native grid has about as many tokens as VTC
 keeps); LDS in instruction tuning at a fixed rate of 0.5 and at the paper's stage-mean rate (1/6, depth slope 0.5),
 each step against the oracle of the depth it ran (a model of only that many layers); the composed `sts_plus` step
-(VTC uniform 0.15, one step in ten with every token, LDS at the stage-mean rate), against depth oracles on the smaller image (on the full
-image for its full-token steps). Oracle depths are timed at 1, L/2 and L layers and interpolated linearly in between
-(every decoder layer has the same shape; the fit's error at L/2 is reported).
+(VTC uniform 0.15, one step in ten with every token, LDS at the stage-mean rate), against depth oracles on the
+smaller image (on the full image for its full-token steps). Oracle depths are timed at 1, L/2 and L layers and
+interpolated linearly in between (every decoder layer has the same shape; the fit's error at L/2 is reported).
 
 Per row: median step time, measured speedup over the stage's `Trainer`, the speedup the analytic FLOPs predict
 (`flops.micro_batch_flops`, the same layer count), efficiency (oracle time / STS time), the wall-clock saving as a
@@ -44,7 +44,6 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
@@ -53,6 +52,7 @@ from ..flops import micro_batch_flops
 from ..presets import PRESETS
 from ..token_compression import num_kept
 from ..trainer import STSTrainer
+from .bench import StepTimer
 from .tiny import collate, freeze_for_alignment
 
 IMAGE_TOKEN_ID = 32000  # LLaVA-1.5's <image>, past LLaMA's 32000 text tokens
@@ -159,27 +159,12 @@ def samples(profile: Profile, stage: str, batch: int, image_size: int | None = N
     return out
 
 
-class GPUStepTimer(TrainerCallback):
-    """Step times with the device synchronised at both ends, and the peak memory of the run."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def _sync(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+class GPUStepTimer(StepTimer):
+    """`bench.StepTimer` (device-synchronised step times), with the peak-memory counter reset when the run starts."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
 
 
 @dataclass
@@ -373,13 +358,15 @@ def markdown(rows: list[dict], profile: Profile, machine: str, extra: dict) -> s
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
+    measured = extra.get("matmul_tflops")
+    matmul = "" if measured is None else f"; the bf16 8192^3 matmul measured {measured:.0f} TFLOP/s"
     lines = [
         f"Machine: {machine}. Profile {profile.name}: CLIP ViT-L/14-336 shapes ({profile.vision_layers} layers, "
         f"{profile.vision_hidden} wide, {profile.visual_tokens} visual tokens), MLP projector, {profile.llm_layers} "
         f"LLaMA-7B decoder layers ({profile.llm_hidden} wide, MLP {profile.llm_intermediate}); batches: alignment "
         f"{profile.alignment_batch}, instruction {profile.instruction_batch}; {profile.rounds} rounds x "
         f"{profile.steps} steps after {profile.warmup} warm-up. MFU against {profile.peak_tflops:g} TFLOP/s "
-        f"(bf16 dense, datasheet){'' if extra.get('matmul_tflops') is None else '; the bf16 8192^3 matmul measured ' + format(extra['matmul_tflops'], '.0f') + ' TFLOP/s'}.",
+        f"(bf16 dense, datasheet){matmul}.",
         "",
         "| configuration | step (ms) | speedup (range) | FLOPs-predicted | saving / predicted saving | oracle speedup "
         "| efficiency | peak memory (GB) | TFLOP/s | MFU |",
