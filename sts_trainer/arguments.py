@@ -10,7 +10,7 @@ from .presets import load_preset
 
 STAGES = ("auto", "alignment", "instruction", "none")
 SWITCHES = ("auto", "on", "off")
-VTC_STRATEGIES = ("uniform", "random", "instruction", "diverse")
+VTC_STRATEGIES = ("uniform", "random", "instruction", "diverse", "pool")
 VTC_KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
 VTC_POSITION_IDS = ("compact", "original")
 LDS_SCHEDULES = ("quadratic", "linear", "constant")
@@ -66,7 +66,10 @@ class STSTrainingArguments(TrainingArguments):
             "(deterministic; best for OCR and counting). 'random': a new random subset every step. 'instruction': "
             "the tokens most similar (cosine) to the mean embedding of the sample's instruction text. 'diverse': "
             "greedy max-min (farthest-point) selection on the projector's output features, by cosine distance, as "
-            "DivPrune does: each kept token is the one farthest from those already kept.",
+            "DivPrune does: each kept token is the one farthest from those already kept. 'pool': merges instead of "
+            "dropping: the tokens 'uniform' keeps, each carrying the mean of its block of neighbours on the image's "
+            "token grid (keep 0.5: blocks of 2, keep 0.25: 2 x 2), so every patch still reaches the language model "
+            "at the same sequence length and language-model FLOPs as 'uniform'.",
             "choices": list(VTC_STRATEGIES),
         },
     )

@@ -143,6 +143,41 @@ def uniform_indices(n: int, k: int, grid: tuple[int, int] | None = None) -> torc
     return torch.cat([row * cols + _centers(cols, m) for row, m in zip(_centers(rows, kr).tolist(), per_row)])
 
 
+def pool_groups(n: int, k: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """For each of `n` tokens, the index (0 .. k-1) of the pooled token it is averaged into: the `pool` strategy.
+
+    The k pooled tokens are the ones `uniform_indices(n, k, grid)` keeps, in the same order, and each stands for a
+    block of neighbours on the image's token `grid` (rows, cols): the `kr` kept rows split the grid's rows into `kr`
+    equal bands, and the k / kr tokens of each kept row split its band's columns into equal bands (a 24 x 24 grid
+    pooled to 144 gives 2 x 2 blocks, a 16 x 16 grid pooled to 128 gives blocks of one row and 2 columns). Without a
+    grid, k equal runs of consecutive tokens. Every token belongs to exactly one block, and no block is empty.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"Cannot pool {n} tokens into {k}.")
+    if grid is None:
+        return torch.arange(n) * k // n
+    rows, cols = grid
+    if rows * cols != n:
+        raise ValueError(f"The token grid {rows} x {cols} has {rows * cols} tokens, but the image has {n}.")
+    if k == n:
+        return torch.arange(n)
+    kr = _kept_rows(k, rows, cols)
+    per_row = torch.tensor([(i + 1) * k // kr - i * k // kr for i in range(kr)])  # pooled tokens of each kept row
+    first = torch.cumsum(per_row, 0) - per_row  # index of each kept row's first pooled token
+    band = torch.arange(rows) * kr // rows  # (rows,) the kept row whose band each grid row is in
+    columns = torch.arange(cols)
+    return (first[band][:, None] + columns[None, :] * per_row[band][:, None] // cols).flatten()
+
+
+def pool_features(features: torch.Tensor, k: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """`features` (n, D) averaged over the blocks of `pool_groups(n, k, grid)`: (k, D), in the order of the tokens
+    `uniform_indices` keeps. Differentiable: every token's feature gets its share of the gradient."""
+    groups = pool_groups(features.shape[0], k, grid).to(features.device)
+    sums = features.new_zeros(k, features.shape[1], dtype=torch.float32).index_add(0, groups, features.float())
+    counts = torch.bincount(groups, minlength=k).to(sums.dtype)
+    return (sums / counts[:, None]).to(features.dtype)
+
+
 def random_indices(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """`k` of `n` token indices drawn without replacement from `generator`, ascending."""
     return torch.randperm(n, generator=generator)[:k].sort().values
@@ -458,6 +493,8 @@ def compress_batch(
     are not image placeholders, padding, labelled (the answer), `pad_token_id` or in `query_ignore_ids` (chat
     template and special tokens, see `template_token_ids`), embedded by `embed_tokens` once for the whole batch.
     `diverse` selects every image's tokens in one batched call of `diverse_indices`.
+    `pool` keeps the tokens `uniform` keeps, each carrying the mean feature of its block of neighbours on the grid
+    (`pool_groups`): every token of the image still reaches the language model, merged; keep_always tokens as they are.
     `first_position` is the position of a sequence's first token, for 'original' positions built here.
     Right or left padding is kept as it was; rows that end up shorter than the longest are padded on the same side.
 
@@ -529,7 +566,7 @@ def compress_batch(
             selectable = selectable_of[image]  # (m,)
             m = selectable.numel()
             k = num_kept(m, keep_ratio) if m else 0
-            if strategy == "uniform":
+            if strategy in ("uniform", "pool"):
                 chosen = uniform_indices(m, k, grids[image])
             elif strategy == "random":
                 chosen = random_indices(m, k, generator)
@@ -543,6 +580,10 @@ def compress_batch(
             dropped[selectable[chosen]] = False
             kept = (~dropped).nonzero().squeeze(1)  # (k + n_fixed,) ascending
             keep[sample, positions[offset : offset + n][dropped.to(device)]] = False
+            if strategy == "pool" and k < m:  # each kept token carries the mean of its block of neighbours
+                chosen_at = selectable[chosen].to(features.device)
+                pooled = pool_features(features[selectable.to(features.device)], k, grids[image])
+                features = features.index_copy(0, chosen_at, pooled)
             kept_features.append(features[kept.to(features.device)])
             offset += n
 

@@ -429,6 +429,39 @@ def test_vtc_shortens_the_language_model_input(model_type, out_dir):
     assert_reloads_in_plain_transformers(model, out_dir)
 
 
+def _projector_rows_with_gradient(arch, samples, out_dir, **options) -> int:
+    """Alignment training of a fresh model with `options`: how many of the projector's output rows (one per visual
+    token) got a gradient in the first step."""
+    model = for_alignment(arch.model())
+    grads = []
+
+    def keep_grad(module, args, output):
+        if module.training:
+            output.register_hook(grads.append)
+
+    handle = find_parts(model).projector.register_forward_hook(keep_grad)
+    train(arch, model, args_for(out_dir, **options), samples=samples)
+    handle.remove()
+    first = grads[0]
+    return int((first.reshape(-1, first.shape[-1]).abs().sum(1) > 0).sum())
+
+
+@pytest.mark.parametrize("model_type", VLMS)
+def test_pool_carries_every_visual_token_that_dense_training_does(model_type, out_dir):
+    """'pool' at the keep ratio 'uniform' uses: the same sequence lengths, but every projector output that dense
+    alignment trains through still gets a gradient; 'uniform' drops some."""
+    arch = ARCHS[model_type]
+    samples = arch.samples()
+    probe = InputProbe(model := for_alignment(arch.model()))
+    train(arch, model, args_for(out_dir, vtc_keep_ratio=KEEP, vtc_strategy="pool"), samples=samples)
+    probe.remove()
+    assert sorted(sum(probe.rows, [])) == sorted(arch.expected_row_lengths(samples))
+    dense = _projector_rows_with_gradient(arch, samples, out_dir, sts_stage="none")
+    pooled = _projector_rows_with_gradient(arch, samples, out_dir, vtc_keep_ratio=KEEP, vtc_strategy="pool")
+    uniform = _projector_rows_with_gradient(arch, samples, out_dir, vtc_keep_ratio=KEEP, vtc_strategy="uniform")
+    assert pooled == dense > uniform
+
+
 @pytest.mark.parametrize("model_type", VLMS)
 def test_lds_never_runs_a_layer_with_probability_one(model_type, out_dir):
     arch = ARCHS[model_type]
@@ -448,8 +481,8 @@ def test_lds_never_runs_a_layer_with_probability_one(model_type, out_dir):
 
 @pytest.mark.parametrize(
     "model_type, strategy",
-    [(t, ("uniform", "random", "instruction", "diverse")[i % 4]) for i, t in enumerate(VLMS)]
-    + [("llava", s) for s in ("random", "instruction", "diverse")],  # every strategy on LLaVA itself
+    [(t, ("uniform", "random", "instruction", "diverse", "pool")[i % 5]) for i, t in enumerate(VLMS)]
+    + [("llava", s) for s in ("random", "instruction", "diverse", "pool")],  # every strategy on LLaVA itself
 )
 def test_vtc_and_lds_composed_in_instruction_tuning(model_type, strategy, out_dir):
     arch = ARCHS[model_type]

@@ -37,6 +37,8 @@ from sts_trainer.token_compression import (
     is_full_token_step,
     keep_ratio_at,
     num_kept,
+    pool_features,
+    pool_groups,
     random_indices,
     template_token_ids,
     uniform_indices,
@@ -226,7 +228,7 @@ def fake_features(batch, dim=8):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("strategy", ["uniform", "random", "instruction", "diverse"])
+@pytest.mark.parametrize("strategy", ["uniform", "random", "instruction", "diverse", "pool"])
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25])
 def test_labels_and_text_stay_aligned(padding_side, strategy, ratio):
     batch, _ = make_batch(padding_side=padding_side)
@@ -315,6 +317,73 @@ def test_gradients_reach_the_projector_through_kept_tokens_only():
         dropped = torch.ones(TOKENS_PER_IMAGE, dtype=torch.bool)
         dropped[kept] = False
         assert (norms[dropped] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "n, k, grid, blocks",
+    [
+        (16, 4, (4, 4), [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]),  # 2 x 2 blocks
+        (16, 8, (4, 4), [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13], [14, 15]]),  # 1 x 2
+        (16, 4, (2, 8), [[8 * r + c for r in range(2) for c in range(2 * j, 2 * j + 2)] for j in range(4)]),
+        (6, 3, None, [[0, 1], [2, 3], [4, 5]]),  # no grid: runs of consecutive tokens
+        (4, 4, (2, 2), [[0], [1], [2], [3]]),
+    ],
+)
+def test_pool_blocks_are_neighbours_on_the_grid(n, k, grid, blocks):
+    groups = pool_groups(n, k, grid)
+    assert [sorted((groups == g).nonzero().squeeze(1).tolist()) for g in range(k)] == blocks
+
+
+@pytest.mark.parametrize("grid, k", [((24, 24), 288), ((24, 24), 144), ((24, 24), 29), ((7, 5), 17), ((3, 11), 2),
+                                     (None, 7)])
+def test_pool_blocks_cover_every_token_once_and_hold_the_kept_token_order(grid, k):
+    n = 35 if grid is None else grid[0] * grid[1]
+    groups = pool_groups(n, k, grid)
+    counts = torch.bincount(groups, minlength=k)
+    assert groups.shape == (n,) and len(counts) == k and (counts > 0).all()
+    # block g is around the g-th token uniform keeps: its centre of mass is nearer that token than any other kept one
+    rows, cols = grid or (1, n)
+    kept = uniform_indices(n, k, grid)
+    coords = torch.stack([torch.arange(n) // cols, torch.arange(n) % cols], 1).float()
+    centres = torch.stack([coords[groups == g].mean(0) for g in range(k)])
+    assert (torch.cdist(centres, coords[kept]).argmin(1) == torch.arange(k)).float().mean() >= 0.9
+
+
+def test_pool_carries_each_blocks_mean_and_every_token_gets_gradient():
+    batch, _ = make_batch(images_per_sample=(1, 1))
+    features = [f.requires_grad_() for f in fake_features(batch)]
+    out, stats = compress_batch(dict(batch), features, IMAGE_TOKEN_ID, 0.25, "pool", "compact",
+                                grids=[(4, 4), None])
+    uniform, _ = compress_batch(dict(batch), [f.detach() for f in features], IMAGE_TOKEN_ID, 0.25, "uniform",
+                                "compact", grids=[(4, 4), None])
+    kept = out["mm_encoder_outputs"]["image"].pooler_output
+    # the same sequence as 'uniform' (the same placeholders kept, the same lengths), merged features
+    assert torch.equal(out["input_ids"], uniform["input_ids"]) and stats.kept_tokens == 8
+    blocks = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    torch.testing.assert_close(kept[0], torch.stack([features[0][b].mean(0) for b in blocks]))
+    torch.testing.assert_close(kept[1], torch.stack([features[1][4 * j : 4 * j + 4].mean(0) for j in range(4)]))
+    sum(k.sum() for k in kept).backward()
+    for f in features:
+        torch.testing.assert_close(f.grad, torch.full_like(f, 0.25))  # each token's share of its block of 4
+
+
+def test_pool_keeps_keep_always_tokens_as_they_are():
+    features = torch.randn(6, 3)
+    batch = {"input_ids": torch.tensor([[5] + [IMAGE_TOKEN_ID] * 6 + [7]]), "attention_mask": torch.ones(1, 8).long()}
+    fixed = torch.tensor([False, False, True, False, False, True])  # newline tokens, say
+    out, _ = compress_batch(batch, [features], IMAGE_TOKEN_ID, 0.5, "pool", "compact", keep_always=[fixed])
+    kept = out["mm_encoder_outputs"]["image"].pooler_output[0]
+    # 4 selectable tokens (0, 1, 3, 4) pooled into 2, around uniform's kept 1 and 4; tokens 2 and 5 untouched
+    torch.testing.assert_close(kept, torch.stack([features[[0, 1]].mean(0), features[2], features[[3, 4]].mean(0),
+                                                  features[5]]))
+
+
+def test_pool_features_keep_the_dtype():
+    features = torch.randn(16, 4, dtype=torch.bfloat16)
+    pooled = pool_features(features, 4, (4, 4))
+    assert pooled.dtype == torch.bfloat16 and pooled.shape == (4, 4)
+    with pytest.raises(ValueError, match="Cannot pool 16 tokens into 17"):
+        pool_groups(16, 17)
 
 
 # ---- packed (padding-free) batches ----------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ Beside each STS row stands its oracle, plain `Trainer` on a model and data that 
 - LDS: a model with only the decoder layers that ran. STS runs a different number of layers each step, so oracle models
   of every depth are timed, and each STS step is compared with the oracle of the depth it actually ran;
 - VTC + LDS composed in instruction tuning (the beyond-the-paper step): both at once, oracle models of every depth on
-  the smaller image, each step against the depth it ran ('uniform' and 'diverse' selection side by side: the
-  difference is the cost of the diverse selection, also timed on its own and reported below the table).
+  the smaller image, each step against the depth it ran ('uniform', 'pool' and 'diverse' side by side: the
+  differences are the costs of pooling and of the diverse selection, also timed on their own below the table).
 Efficiency = oracle time / STS time (1.0: STS costs nothing beyond the work it keeps); the work-adjusted efficiency
 divides out the FLOPs difference between a VTC row and its oracle (which encodes a smaller image).
 
@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging
 
 from ..arguments import STSTrainingArguments
 from ..flops import micro_batch_flops
-from ..token_compression import diverse_indices, num_kept, uniform_indices
+from ..token_compression import diverse_indices, num_kept, pool_features, uniform_indices
 from ..trainer import STSTrainer
 from .tiny import collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
 
@@ -209,7 +209,7 @@ def build_configs(setup: Setup) -> list[Config]:
         configs.append(Config(f"  oracle: {depth} layers", "instruction", None, setup.image_size, depth, oracle_of="LDS"))
     ratio = COMPOSED_KEEP_RATIO
     side = round(math.sqrt(num_kept(n, ratio)))
-    for strategy in ("uniform", "diverse"):
+    for strategy in ("uniform", "pool", "diverse"):
         options = {"sts_stage": "instruction", "sts_vtc": "on", "vtc_keep_ratio": ratio, "vtc_strategy": strategy,
                    "lds_alpha": 0.5, "lds_epsilon": 0.0, "lds_schedule": "constant"}
         configs.append(Config(f"instruction: VTC {strategy} keep {ratio} + LDS fixed rate 0.5", "instruction",
@@ -225,13 +225,16 @@ COMPOSED_KEEP_RATIO = 0.25
 
 def selection_cost(setup: Setup, repeats: int = 20) -> dict:
     """Median time of choosing one step's visual tokens (the benchmark's batch of images, its visual tokens, its
-    projector width) with `diverse_indices` and with `uniform_indices`, in ms."""
+    projector width) with `diverse_indices` and with `uniform_indices`, and of pooling them (`pool_features`, on
+    the image's square grid), in ms."""
     n = (setup.image_size // setup.patch_size) ** 2
     k = num_kept(n, COMPOSED_KEEP_RATIO)
+    side = setup.image_size // setup.patch_size
     features = [torch.randn(n, setup.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(setup.batch_size)]
     timings = {}
     for name, select in (("diverse", lambda: diverse_indices(features, [k] * len(features))),
-                         ("uniform", lambda: [uniform_indices(n, k) for _ in features])):
+                         ("uniform", lambda: [uniform_indices(n, k) for _ in features]),
+                         ("pool", lambda: [pool_features(f, k, (side, side)) for f in features])):
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -333,7 +336,7 @@ def markdown(rows: list[dict], setup: Setup, machine: str, selection: dict | Non
     if selection is not None:
         lines += ["", f"Token selection of one step ({selection['images']} images, {selection['kept']} of "
                   f"{selection['visual_tokens']} tokens each): diverse {selection['diverse_ms']:.2f} ms, uniform "
-                  f"{selection['uniform_ms']:.2f} ms (medians)."]
+                  f"{selection['uniform_ms']:.2f} ms, pool {selection['pool_ms']:.2f} ms (medians)."]
     return "\n".join(lines)
 
 

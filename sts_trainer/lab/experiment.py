@@ -14,7 +14,7 @@ questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per cat
 
     variant              stage 1 (alignment)        stage 2 (instruction tuning)
     baseline             dense                      dense
-    VTC <strategy> <r>   VTC, keep ratio r          dense          (uniform, random, instruction; r = 0.5, 0.25)
+    VTC <strategy> <r>   VTC, keep ratio r          dense          (uniform, random, instruction, pool; r = 0.5, 0.25)
     LDS                  dense                      LDS (alpha 0.5, epsilon 0.5, quadratic: the paper's)
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
     dense at STS's FLOPs dense, fewer steps          dense, fewer steps (equal compute: STS's FLOPs per stage)
@@ -74,7 +74,7 @@ logger = logging.getLogger("sts_trainer")
 # 'skipped' (no alignment stage) is handled in run_seed.
 STAGE1 = {"dense": None} | {
     f"VTC {strategy} {ratio}": {"vtc_strategy": strategy, "vtc_keep_ratio": ratio}
-    for strategy in ("uniform", "random", "instruction")
+    for strategy in ("uniform", "random", "instruction", "pool")
     for ratio in (0.5, 0.25)
 }
 # Stage-2 settings: dense, LDS with the paper's defaults (STSTrainingArguments' lds_* defaults), and the frontier
