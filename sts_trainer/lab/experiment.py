@@ -17,6 +17,7 @@ questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per cat
     VTC <strategy> <r>   VTC, keep ratio r          dense          (uniform, random, instruction, pool; r = 0.5, 0.25)
     LDS                  dense                      LDS (alpha 0.5, epsilon 0.5, quadratic: the paper's)
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
+    STS with pool        VTC pool 0.5               LDS
     dense at STS's FLOPs dense, fewer steps          dense, fewer steps (equal compute: STS's FLOPs per stage)
     no alignment         skipped                    dense          (a control: what stage 1 is worth here)
 
@@ -121,7 +122,8 @@ VARIANTS = (
     Variant("LDS", "dense", "LDS"),
     Variant("LDS with zero-gradient steps (ZeRO before the guard)", "dense", "LDS zero-filled"),
     Variant("STS (VTC uniform 0.5 + LDS)", "VTC uniform 0.5", "LDS"),
-    *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in list(STAGE2)[3:]),
+    Variant("STS with pool (VTC pool 0.5 + LDS)", "VTC pool 0.5", "LDS"),
+    *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in STAGE2 if name.startswith("VTC-I")),
     Variant("dense at STS's FLOPs", "dense", "dense", budget_of="STS (VTC uniform 0.5 + LDS)"),
     Variant("no alignment (control)", "skipped", "dense"),
 )
