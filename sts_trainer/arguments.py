@@ -14,6 +14,7 @@ VTC_STRATEGIES = ("uniform", "random", "instruction", "diverse", "pool")
 VTC_KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
 VTC_POSITION_IDS = ("compact", "original")
 LDS_SCHEDULES = ("quadratic", "linear", "constant")
+LDS_PROGRESS = ("steps", "lr_mass")
 _TRAINING_ARGUMENT_NAMES = {f.name for f in fields(TrainingArguments)}
 _MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # 'model.layers', 'blocks.0.mlp'
 
@@ -141,6 +142,17 @@ class STSTrainingArguments(TrainingArguments):
             "choices": list(LDS_SCHEDULES),
         },
     )
+    lds_progress: str = field(
+        default="steps",
+        metadata={
+            "help": "What the LDS schedule decays over: 'steps' (t = e / E, the paper's) or 'lr_mass' (t = the share "
+            "of the learning-rate schedule's summed rates spent before step e). With a decaying learning rate, "
+            "'lr_mass' moves the skipping away from the steps with the largest updates, and skips less in all "
+            "(alpha 0.5, cosine: about 10 percent of layer runs instead of 17). It needs a LambdaLR schedule (every "
+            "lr_scheduler_type except reduce_lr_on_plateau).",
+            "choices": list(LDS_PROGRESS),
+        },
+    )
 
     sts_preset: str | None = field(
         default=None,
@@ -215,6 +227,7 @@ class STSTrainingArguments(TrainingArguments):
             ("vtc_position_ids", VTC_POSITION_IDS),
             ("vtc_keep_schedule", VTC_KEEP_SCHEDULES),
             ("lds_schedule", LDS_SCHEDULES),
+            ("lds_progress", LDS_PROGRESS),
             ("sts_blank_image", SWITCHES),
         ):
             value = getattr(self, name)

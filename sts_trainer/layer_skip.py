@@ -9,6 +9,7 @@ restores the original classes exactly, and pickling or deep-copying a patched mo
 """
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,21 +27,71 @@ def skip_probability(
     alpha: float,
     epsilon: float,
     schedule: str = "quadratic",
+    progress: float | None = None,
 ) -> float:
     """Probability that decoder layer `layer` (0-based, of `num_layers`) is skipped at optimizer step `step` of `total_steps`.
 
-        p = alpha * decay(e / E) * (1 + epsilon * (2l - (L - 1)) / (L - 1)),   clamped to [0, 1]
+        p = alpha * decay(t) * (1 + epsilon * (2l - (L - 1)) / (L - 1)),   clamped to [0, 1]
 
-    with `decay` = (1 - e/E)^2 ('quadratic', the paper's), (1 - e/E) ('linear') or 1 ('constant'). The depth factor
-    grows linearly from 1 - epsilon (first layer) to 1 + epsilon (last layer) and averages 1 over the layers, so the
-    mean skip probability at progress t = e/E is alpha * decay(t). A one-layer model has depth factor 1.
+    with `decay` = (1 - t)^2 ('quadratic', the paper's), (1 - t) ('linear') or 1 ('constant'), and the stage's
+    progress t = e / E, or `progress` when given (`lr_mass_progress`: the share of the learning-rate schedule spent
+    before the step). The depth factor grows linearly from 1 - epsilon (first layer) to 1 + epsilon (last layer) and
+    averages 1 over the layers, so the mean skip probability at progress t is alpha * decay(t). A one-layer model has
+    depth factor 1.
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}.")
-    remaining = min(max((total_steps - step) / total_steps, 0.0), 1.0)
+    if progress is None:
+        remaining = min(max((total_steps - step) / total_steps, 0.0), 1.0)
+    else:
+        remaining = min(max(1.0 - progress, 0.0), 1.0)
     decay = {"quadratic": remaining**2, "linear": remaining, "constant": 1.0}[schedule]
     depth = 1.0 if num_layers == 1 else 1.0 + epsilon * (2 * layer - (num_layers - 1)) / (num_layers - 1)
     return min(max(alpha * decay * depth, 0.0), 1.0)
+
+
+def lr_mass_progress(learning_rates: Sequence[float]) -> list[float]:
+    """LDS progress by learning-rate mass (`lds_progress='lr_mass'`): for each optimizer step e, the share of the sum
+    of all steps' learning rates spent before e (0 at the first step, below 1 at the last). With a decaying schedule
+    it runs ahead of e / E while the learning rate is high, so the skip rate falls where the updates are largest."""
+    total = float(sum(learning_rates))
+    if not total > 0.0 or min(learning_rates, default=0.0) < 0.0:
+        raise ValueError(
+            "lds_progress='lr_mass' needs a learning-rate schedule with a positive sum and no negative rate; got "
+            f"a sum of {total}. Use lds_progress='steps'."
+        )
+    spent, progress = 0.0, []
+    for rate in learning_rates:
+        progress.append(spent / total)
+        spent += float(rate)
+    return progress
+
+
+def scheduler_learning_rates(scheduler, total_steps: int) -> list[float]:
+    """The learning-rate factor of each optimizer step 0 .. total_steps - 1 under `scheduler`, read from its
+    `lr_lambdas` (a `LambdaLR`: every `lr_scheduler_type` of transformers except 'reduce_lr_on_plateau'), without
+    stepping it: a pure function of the step, so the same on every rank and after resuming. A wrapper holding the
+    scheduler as `.scheduler` (accelerate's) is looked through."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if not lambdas:
+        raise ValueError(
+            f"lds_progress='lr_mass' needs a learning-rate schedule given as a function of the step (a LambdaLR, as "
+            f"every lr_scheduler_type except reduce_lr_on_plateau); the trainer has {type(inner).__name__}. Use "
+            "lds_progress='steps', or a scheduler from transformers' get_scheduler."
+        )
+    return [float(lambdas[0](step)) for step in range(total_steps)]
+
+
+def schedule_learning_rates(name: str, total_steps: int, warmup_steps: int = 0, **kwargs) -> list[float]:
+    """`scheduler_learning_rates` of transformers' `get_scheduler(name, ...)` over `total_steps` steps, for a plan
+    made before any trainer exists (`sts-plan`)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                              scheduler_specific_kwargs=kwargs or None)
+    return scheduler_learning_rates(scheduler, total_steps)
 
 
 class _SkippableLayer:
@@ -129,6 +180,8 @@ class LayerSkipper:
     ):
         self.alpha, self.epsilon, self.schedule, self.seed = alpha, epsilon, schedule, seed
         self.layers_path = layers
+        # per optimizer step, the stage's progress for the decay (`lr_mass_progress`); None: step / total steps
+        self.progress: Sequence[float] | None = None
         self.layers: nn.ModuleList | None = None
         self._patched: list[nn.Module] = []  # the layer objects install() patched, which decide() marks
         self._original_classes: list[type] | None = None
@@ -177,8 +230,11 @@ class LayerSkipper:
 
     def probabilities(self, step: int, total_steps: int) -> list[float]:
         num_layers = len(self.layers)
+        progress = None
+        if self.progress is not None:
+            progress = self.progress[step] if step < len(self.progress) else 1.0
         return [
-            skip_probability(step, total_steps, i, num_layers, self.alpha, self.epsilon, self.schedule)
+            skip_probability(step, total_steps, i, num_layers, self.alpha, self.epsilon, self.schedule, progress)
             for i in range(num_layers)
         ]
 

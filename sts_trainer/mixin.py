@@ -39,7 +39,7 @@ from .distributed import (
     parameter_sharding,
 )
 from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops, vision_flops, visual_tokens_per_image
-from .layer_skip import LayerSkipper, SkipRecord
+from .layer_skip import LayerSkipper, SkipRecord, lr_mass_progress, scheduler_learning_rates
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
 from .stage import SparsityPlan, asks_for_sparsity, find_named_parts, lds_incompatible, plan_sparsity
 from .token_compression import IGNORE_INDEX, CompressionRecord, TokenCompressor, template_token_ids
@@ -281,6 +281,9 @@ class STSMixin:
         if not model.training or not self._components:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         step = self.state.global_step
+        lds = self._components.get("lds")
+        if lds is not None and lds.progress is None and self.args.lds_progress == "lr_mass":
+            lds.progress = lr_mass_progress(scheduler_learning_rates(self.lr_scheduler, self.state.max_steps))
         self._sts_micro_step = self._sts_micro_step + 1 if step == self._sts_step else 0  # micro-batch of the step
         blank = self._blank_image
         blank_before = (blank.blank_forwards, blank.blank_backwards) if blank is not None else (0, 0)

@@ -48,6 +48,7 @@ class SparsityPlan:
             parts.append("VTC off")
         parts.append(
             f"LDS on (alpha={args.lds_alpha}, epsilon={args.lds_epsilon}, schedule={args.lds_schedule}, "
+            f"{'' if args.lds_progress == 'steps' else f'progress={args.lds_progress}, '}"
             f"{len(self.parts.layers)} decoder layers)"
             if self.lds
             else "LDS off"

@@ -28,6 +28,7 @@ def test_defaults(tmp_path):
         ("vtc_strategy", "topk"),
         ("vtc_position_ids", "shifted"),
         ("lds_schedule", "cosine"),
+        ("lds_progress", "time"),
         ("vtc_keep_ratio", 0.0),
         ("vtc_keep_ratio", 1.5),
         ("vtc_keep_ratio", -0.1),

@@ -14,7 +14,13 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from sts_trainer import STSTrainer, skip_probability
 from sts_trainer.lab.tiny import collate, synthetic_samples, tiny_llava, tiny_llava_config
-from sts_trainer.layer_skip import LayerSkipper, _SkippableLayer
+from sts_trainer.layer_skip import (
+    LayerSkipper,
+    _SkippableLayer,
+    lr_mass_progress,
+    schedule_learning_rates,
+    scheduler_learning_rates,
+)
 
 from .helpers import plain_training_args, train, training_args
 
@@ -60,6 +66,44 @@ def test_schedule_depth_factor_and_layer_mean():
     # the whole-stage mean with the quadratic schedule tends to alpha / 3
     mean = sum(skip_probability(e, 10_000, l, L, alpha, eps) for e in range(0, 10_000, 7) for l in range(L))
     assert mean / (L * len(range(0, 10_000, 7))) == pytest.approx(alpha / 3, rel=1e-2)
+
+
+def test_lr_mass_progress_is_the_share_of_the_learning_rate_spent_before_each_step():
+    assert lr_mass_progress([1.0, 1.0, 2.0]) == pytest.approx([0.0, 0.25, 0.5])
+    assert lr_mass_progress([0.0, 2.0, 2.0]) == pytest.approx([0.0, 0.0, 0.5])  # a warm-up from 0 spends nothing
+    with pytest.raises(ValueError, match="lds_progress='steps'"):
+        lr_mass_progress([0.0, 0.0])
+    # a constant learning rate: progress by mass is progress by steps, so the probabilities are the paper's
+    E = 10
+    progress = lr_mass_progress(schedule_learning_rates("constant", E))
+    assert progress == pytest.approx([e / E for e in range(E)])
+    for e in range(E):
+        assert skip_probability(e, E, 3, 4, 0.5, 0.5, progress=progress[e]) == pytest.approx(
+            skip_probability(e, E, 3, 4, 0.5, 0.5))
+    # a decaying one runs ahead of the steps: less skipping at every step after the first
+    cosine = lr_mass_progress(schedule_learning_rates("cosine", 600, 30))
+    assert all(p >= e / 600 for e, p in enumerate(cosine) if e >= 60) and cosine[300] > 0.75
+    mean = sum(skip_probability(e, 600, 0, 1, 0.5, 0.0, progress=p) for e, p in enumerate(cosine)) / 600
+    assert mean == pytest.approx(0.1028, abs=1e-3)  # against alpha / 3 = 0.167 by steps
+
+
+def test_lr_mass_needs_a_schedule_that_is_a_function_of_the_step():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="lds_progress='lr_mass' needs .* StepLR"):
+        scheduler_learning_rates(torch.optim.lr_scheduler.StepLR(optimizer, 2), 4)
+
+
+def test_lr_mass_in_training_follows_the_trainers_own_schedule(out_dir):
+    E = 6
+    args = dict(max_steps=E, lds_alpha=1.0, lds_epsilon=0.0, lds_schedule="linear", lr_scheduler_type="linear")
+    _, by_steps = train(tiny_llava(), training_args(out_dir, **args))
+    trainer, by_mass = train(tiny_llava(), training_args(out_dir, lds_progress="lr_mass", **args))
+    steps = [log["lds_skip_probability"] for log in by_steps.logs if "loss" in log]
+    mass = [log["lds_skip_probability"] for log in by_mass.logs if "loss" in log]
+    # linear decay of the learning rate from step 0: rates (E - e) / E, progress 1 - (E - e)(E - e + 1) / (E (E + 1))
+    assert steps == pytest.approx([(E - e) / E for e in range(E)])
+    assert mass == pytest.approx([(E - e) * (E - e + 1) / (E * (E + 1)) for e in range(E)])
+    assert trainer.sts_plan.lds and "progress=lr_mass" in trainer.sts_plan.describe()
 
 
 def test_decisions_are_seeded_per_step_and_leave_the_global_rng_alone():

@@ -147,3 +147,20 @@ def test_a_keep_schedule_rising_to_one_is_priced_step_by_step(tmp_path, schedule
     # half the stage rises from 0.1 to 1.0, the other half keeps every token
     assert 0 < rising["saving"] < constant["saving"]
     assert 0.5 * 58 < rising["kept_visual_tokens_per_image"] - 0.5 * 576 < 0.5 * 576
+
+
+def _lds_instruction(tmp_path, name, *flags, **options):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"instruction": {"sts_lds": "on", **options}}))
+    return json.loads(_plan("--sts_config", str(path), "--json", *flags))["stages"]["instruction"]
+
+
+def test_lds_following_the_learning_rate_mass_is_priced_with_the_schedule(tmp_path):
+    steps = _lds_instruction(tmp_path, "steps")
+    mass = _lds_instruction(tmp_path, "mass", lds_progress="lr_mass")
+    # cosine with 3% warm-up (LLaVA-1.5's): the mass runs ahead of the steps, so less is skipped
+    assert 0 < mass["saving"] < 0.75 * steps["saving"]
+    # a constant learning rate: mass and steps are the same progress
+    flat = _lds_instruction(tmp_path, "flat", "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
+                            lds_progress="lr_mass")
+    assert flat["saving"] == pytest.approx(steps["saving"], rel=1e-9)

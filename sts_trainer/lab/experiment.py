@@ -18,6 +18,7 @@ questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per cat
     LDS                  dense                      LDS (alpha 0.5, epsilon 0.5, quadratic: the paper's)
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
     STS with pool        VTC pool 0.5               LDS
+    LDS lr_mass          dense                      LDS whose decay follows the learning rate's mass (lds_progress)
     dense at STS's FLOPs dense, fewer steps          dense, fewer steps (equal compute: STS's FLOPs per stage)
     no alignment         skipped                    dense          (a control: what stage 1 is worth here)
 
@@ -90,6 +91,7 @@ STAGE2 = {
     "dense": None,
     "LDS": {},
     "LDS zero-filled": {},  # LDS as DeepSpeed ZeRO trained it before the optimizer guard (`zero_filled_skipped_layers`)
+    "LDS lr_mass": {"lds_progress": "lr_mass"},  # the decay follows the learning rate's mass, not the steps
     "VTC-I diverse 0.1": _vtc_i("diverse", 0.1),
     "VTC-I diverse 0.1 + full 0.1": _vtc_i("diverse", 0.1, 0.1),
     "VTC-I uniform 0.1 + full 0.1": _vtc_i("uniform", 0.1, 0.1),
@@ -123,6 +125,8 @@ VARIANTS = (
     Variant("LDS with zero-gradient steps (ZeRO before the guard)", "dense", "LDS zero-filled"),
     Variant("STS (VTC uniform 0.5 + LDS)", "VTC uniform 0.5", "LDS"),
     Variant("STS with pool (VTC pool 0.5 + LDS)", "VTC pool 0.5", "LDS"),
+    Variant("LDS lr_mass", "dense", "LDS lr_mass"),
+    Variant("STS lr_mass (VTC uniform 0.5 + LDS lr_mass)", "VTC uniform 0.5", "LDS lr_mass"),
     *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in STAGE2 if name.startswith("VTC-I")),
     Variant("dense at STS's FLOPs", "dense", "dense", budget_of="STS (VTC uniform 0.5 + LDS)"),
     Variant("no alignment (control)", "skipped", "dense"),

@@ -28,9 +28,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, HfArgumentParser, PretrainedConfig
 
 from ..architectures import find_parts
-from ..arguments import LDS_SCHEDULES, PRESET_OPTION_NAMES, STSTrainingArguments
+from ..arguments import LDS_PROGRESS, LDS_SCHEDULES, PRESET_OPTION_NAMES, STSTrainingArguments
 from ..flops import PARTS, TrainingStep, step_flops, visual_tokens_per_image
-from ..layer_skip import skip_probability
+from ..layer_skip import lr_mass_progress, schedule_learning_rates, skip_probability
 from ..token_compression import keep_ratio_at, num_kept
 
 # DualSpeed (arXiv 2602.03815) as published for LLaVA-1.5: alignment dense; in instruction tuning 90% of the visual
@@ -97,6 +97,19 @@ class PlanArguments:
         default="quadratic",
         metadata={"help": "How the LDS skip rate decays over the stage.", "choices": list(LDS_SCHEDULES)},
     )
+    lds_progress: str = field(
+        default="steps",
+        metadata={"help": "What the LDS schedule decays over: 'steps' or 'lr_mass' (the trainer's lds_progress), "
+                  "priced with the learning-rate schedule below.", "choices": list(LDS_PROGRESS)},
+    )
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "Instruction tuning's learning-rate schedule, for lds_progress='lr_mass' (LLaVA-1.5: "
+                  "cosine)."},
+    )
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Its warm-up, as a fraction of the stage's steps (LLaVA-1.5: 0.03)."}
+    )
     sts_config: str | None = field(
         default=None,
         metadata={"help": "A recipe to price: a preset's name (sts_plus) or a YAML file with 'alignment' and "
@@ -113,6 +126,10 @@ class PlanArguments:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; it must be in [0, 1].")
         if self.lds_schedule not in LDS_SCHEDULES:
             raise ValueError(f"lds_schedule={self.lds_schedule!r} is not valid; choose one of {LDS_SCHEDULES}.")
+        if self.lds_progress not in LDS_PROGRESS:
+            raise ValueError(f"lds_progress={self.lds_progress!r} is not valid; choose one of {LDS_PROGRESS}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} is out of range; it must be in [0, 1).")
         if min(self.alignment_samples, self.instruction_samples, self.batch_size, self.alignment_batch_size) < 1:
             raise ValueError(
                 "alignment_samples, instruction_samples, alignment_batch_size and batch_size must be positive."
@@ -156,7 +173,8 @@ def stage_options(args: PlanArguments, recipe: str | dict | None, stage: str) ->
             recipe = str(path)
         # the planner's flags that differ from the trainer's defaults count as given (its parser fills in the rest)
         defaults = {f.name: f.default for f in fields(STSTrainingArguments)}
-        flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")
+        flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule",
+                                                        "lds_progress")
                  if getattr(args, name) != defaults[name]}
         staged = STSTrainingArguments(output_dir=folder, report_to="none", sts_preset=recipe, **flags).for_stage(stage)
     options = {name: getattr(staged, name) for name in PRESET_OPTION_NAMES}
@@ -165,18 +183,24 @@ def stage_options(args: PlanArguments, recipe: str | dict | None, stage: str) ->
     return options
 
 
-def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: dict) -> dict:
+def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: dict,
+                lr_schedule: tuple[str, float] = ("cosine", 0.03)) -> dict:
     """Dense and expected STS FLOPs of a stage of `samples` samples in `steps` optimizer steps of `shape` (per
     sample), with `options` (`stage_options`).
 
     Per step e: VTC keeps num_kept(n, keep_ratio_at(e)) tokens per image, except on full-token steps (an expected
     fraction `vtc_full_token_fraction` of the steps), which keep all and, with self-distillation, add a forward
     (no backward) of the pruned sequence; LDS runs sum_l (1 - p_l(e)) decoder layers. FLOPs are linear in the number
-    of executed layers, so pricing each kept count at the mean of its steps' executed layers is exact."""
+    of executed layers, so pricing each kept count at the mean of its steps' executed layers is exact. With
+    lds_progress='lr_mass', the decay follows `lr_schedule` (the scheduler's name, its warm-up fraction)."""
     num_layers = config.get_text_config().num_hidden_layers
     visual = shape.visual_tokens_per_image
     full = options["vtc_full_token_fraction"] if options["vtc"] else 0.0
     by_kept: dict[int, list[float]] = defaultdict(list)  # kept tokens per image -> executed layers of its steps
+    progress = [None] * steps
+    if options["lds"] and options["lds_progress"] == "lr_mass":
+        name, warmup = lr_schedule
+        progress = lr_mass_progress(schedule_learning_rates(name, steps, math.ceil(warmup * steps)))
     for e in range(steps):
         ratio = keep_ratio_at(e, steps, options["vtc_keep_ratio"], options["vtc_keep_ratio_end"],
                               options["vtc_keep_schedule"], options["vtc_keep_schedule_fraction"])
@@ -185,7 +209,7 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
         if options["lds"]:
             layers -= sum(
                 skip_probability(e, steps, layer, num_layers, options["lds_alpha"], options["lds_epsilon"],
-                                 options["lds_schedule"])
+                                 options["lds_schedule"], progress[e])
                 for layer in range(num_layers)
             )
         by_kept[kept].append(layers)
@@ -248,7 +272,8 @@ def price_run(args: PlanArguments, recipe: str | dict | None) -> dict:
         "instruction": math.ceil(args.instruction_samples / args.batch_size),
     }
     stages = {
-        stage: price_stage(config, shapes[stage], samples[stage], steps[stage], stage_options(args, recipe, stage))
+        stage: price_stage(config, shapes[stage], samples[stage], steps[stage], stage_options(args, recipe, stage),
+                           (args.lr_scheduler_type, args.warmup_ratio))
         for stage in shapes
     }
     return {"config": config, "visual_tokens_per_image": visual, "stages": stages, "run": _run(stages)}
@@ -260,7 +285,7 @@ def plan(args: PlanArguments) -> dict:
     priced = price_run(args, args.sts_config)
     config = priced["config"]
     # its published setting whatever the STS flags say (the shape of the run is the same)
-    flags = ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule")
+    flags = ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule", "lds_progress")
     defaults = {name: PlanArguments.__dataclass_fields__[name].default for name in flags}
     dualspeed = price_run(replace(args, **defaults), DUALSPEED)
     return {
