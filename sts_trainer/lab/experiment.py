@@ -19,6 +19,7 @@ questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per cat
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
     STS with pool        VTC pool 0.5               LDS
     LDS lr_mass          dense                      LDS whose decay follows the learning rate's mass (lds_progress)
+    VTC uniform 0.5 original positions     (stage 1 at the full sequence's position ids, whatever --vtc_position_ids)
     dense at STS's FLOPs dense, fewer steps          dense, fewer steps (equal compute: STS's FLOPs per stage)
     no alignment         skipped                    dense          (a control: what stage 1 is worth here)
 
@@ -78,7 +79,8 @@ STAGE1 = {"dense": None} | {
     f"VTC {strategy} {ratio}": {"vtc_strategy": strategy, "vtc_keep_ratio": ratio}
     for strategy in ("uniform", "random", "instruction", "pool")
     for ratio in (0.5, 0.25)
-}
+} | {"VTC uniform 0.5 original positions": {"vtc_strategy": "uniform", "vtc_keep_ratio": 0.5,
+                                           "vtc_position_ids": "original"}}
 # Stage-2 settings: dense, LDS with the paper's defaults (STSTrainingArguments' lds_* defaults), and the frontier
 # beyond the paper: VTC in instruction tuning ('VTC-I') at a strategy and keep ratio, with or without full-token
 # steps, LDS, self-distillation, a keep ratio rising to 1.0.
