@@ -68,9 +68,10 @@ class STSTrainingArguments(TrainingArguments):
             "the tokens most similar (cosine) to the mean embedding of the sample's instruction text. 'diverse': "
             "greedy max-min (farthest-point) selection on the projector's output features, by cosine distance, as "
             "DivPrune does: each kept token is the one farthest from those already kept. 'pool': merges instead of "
-            "dropping: the tokens 'uniform' keeps, each carrying the mean of its block of neighbours on the image's "
-            "token grid (keep 0.5: blocks of 2, keep 0.25: 2 x 2), so every patch still reaches the language model "
-            "at the same sequence length and language-model FLOPs as 'uniform'.",
+            "dropping: the tokens 'uniform' keeps, each carrying the mean of the grid neighbours nearest to it "
+            "(16 x 16 tokens at keep 0.5: blocks of one row by 2 columns; 24 x 24 at keep 0.25: 2 x 2; uneven "
+            "strides give blocks differing by a row or a column), so every patch still reaches the language model, "
+            "at the sequence length and language-model FLOPs of 'uniform'.",
             "choices": list(VTC_STRATEGIES),
         },
     )
@@ -233,6 +234,12 @@ class STSTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}.")
+        if self.lds_progress == "lr_mass" and str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) \
+                == "reduce_lr_on_plateau":
+            raise ValueError(
+                "lds_progress='lr_mass' needs a learning-rate schedule known in advance; "
+                "lr_scheduler_type='reduce_lr_on_plateau' depends on the evaluation. Use lds_progress='steps'."
+            )
         for name in ("vtc_keep_ratio", "vtc_keep_ratio_end", "vtc_keep_schedule_fraction"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:

@@ -73,14 +73,14 @@ def scheduler_learning_rates(scheduler, total_steps: int) -> list[float]:
     stepping it: a pure function of the step, so the same on every rank and after resuming. A wrapper holding the
     scheduler as `.scheduler` (accelerate's) is looked through."""
     inner = getattr(scheduler, "scheduler", scheduler)
-    lambdas = getattr(inner, "lr_lambdas", None)
-    if not lambdas:
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR) or len(set(inner.lr_lambdas)) != 1:
         raise ValueError(
-            f"lds_progress='lr_mass' needs a learning-rate schedule given as a function of the step (a LambdaLR, as "
-            f"every lr_scheduler_type except reduce_lr_on_plateau); the trainer has {type(inner).__name__}. Use "
-            "lds_progress='steps', or a scheduler from transformers' get_scheduler."
+            f"lds_progress='lr_mass' needs a learning-rate schedule given as one function of the step (a LambdaLR, as "
+            f"every lr_scheduler_type except reduce_lr_on_plateau, with one lambda for all parameter groups); the "
+            f"trainer has {type(inner).__name__} (a DeepSpeed config with a 'scheduler' section gives DeepSpeed's "
+            "own). Use lds_progress='steps', or a scheduler from transformers' get_scheduler."
         )
-    return [float(lambdas[0](step)) for step in range(total_steps)]
+    return [float(inner.lr_lambdas[0](step)) for step in range(total_steps)]
 
 
 def schedule_learning_rates(name: str, total_steps: int, warmup_steps: int = 0, **kwargs) -> list[float]:

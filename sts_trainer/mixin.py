@@ -282,7 +282,7 @@ class STSMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         step = self.state.global_step
         lds = self._components.get("lds")
-        if lds is not None and lds.progress is None and self.args.lds_progress == "lr_mass":
+        if lds is not None and lds.progress is None and self.sts_plan.args.lds_progress == "lr_mass":
             lds.progress = lr_mass_progress(scheduler_learning_rates(self.lr_scheduler, self.state.max_steps))
         self._sts_micro_step = self._sts_micro_step + 1 if step == self._sts_step else 0  # micro-batch of the step
         blank = self._blank_image

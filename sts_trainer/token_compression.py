@@ -143,30 +143,38 @@ def uniform_indices(n: int, k: int, grid: tuple[int, int] | None = None) -> torc
     return torch.cat([row * cols + _centers(cols, m) for row, m in zip(_centers(rows, kr).tolist(), per_row)])
 
 
+def _nearest_centre(n: int, k: int) -> torch.Tensor:
+    """For each of `n` positions, the index of the nearest of the `k` centres `_centers(n, k)` (a position halfway
+    between two goes to the later one): the bins around the centres, so each centre is in its own bin."""
+    centres = _centers(n, k)
+    return torch.bucketize(torch.arange(n), (centres[:-1] + centres[1:] + 1) // 2, right=True)
+
+
 def pool_groups(n: int, k: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """For each of `n` tokens, the index (0 .. k-1) of the pooled token it is averaged into: the `pool` strategy.
 
-    The k pooled tokens are the ones `uniform_indices(n, k, grid)` keeps, in the same order, and each stands for a
-    block of neighbours on the image's token `grid` (rows, cols): the `kr` kept rows split the grid's rows into `kr`
-    equal bands, and the k / kr tokens of each kept row split its band's columns into equal bands (a 24 x 24 grid
-    pooled to 144 gives 2 x 2 blocks, a 16 x 16 grid pooled to 128 gives blocks of one row and 2 columns). Without a
-    grid, k equal runs of consecutive tokens. Every token belongs to exactly one block, and no block is empty.
+    The k pooled tokens are the ones `uniform_indices(n, k, grid)` keeps, in the same order, and each stands for the
+    block of grid neighbours nearest to it: a grid row belongs to the nearest of the `kr` kept rows, and a column, in
+    that kept row's band, to the nearest of its k / kr kept columns. So every kept token is in its own block, every
+    token in exactly one, and no block is empty. Where the strides are whole numbers the blocks are equal (a 16 x 16
+    grid pooled to 128: one row by 2 columns; a 24 x 24 grid to 144: 2 x 2); otherwise they differ by a row or a
+    column (a 24 x 24 grid to 288, an 18 x 16 lattice: blocks of 1, 2 and 4 tokens). Without a grid, runs of
+    consecutive tokens around the kept ones.
     """
     if not 1 <= k <= n:
         raise ValueError(f"Cannot pool {n} tokens into {k}.")
     if grid is None:
-        return torch.arange(n) * k // n
+        return _nearest_centre(n, k)
     rows, cols = grid
     if rows * cols != n:
         raise ValueError(f"The token grid {rows} x {cols} has {rows * cols} tokens, but the image has {n}.")
     if k == n:
         return torch.arange(n)
     kr = _kept_rows(k, rows, cols)
-    per_row = torch.tensor([(i + 1) * k // kr - i * k // kr for i in range(kr)])  # pooled tokens of each kept row
-    first = torch.cumsum(per_row, 0) - per_row  # index of each kept row's first pooled token
-    band = torch.arange(rows) * kr // rows  # (rows,) the kept row whose band each grid row is in
-    columns = torch.arange(cols)
-    return (first[band][:, None] + columns[None, :] * per_row[band][:, None] // cols).flatten()
+    per_row = [(i + 1) * k // kr - i * k // kr for i in range(kr)]  # kept tokens of each kept row
+    first = [i * k // kr for i in range(kr)]  # index of each kept row's first pooled token
+    band = _nearest_centre(rows, kr).tolist()  # the kept row whose band each grid row is in
+    return torch.cat([first[b] + _nearest_centre(cols, per_row[b]) for b in band])
 
 
 def pool_features(features: torch.Tensor, k: int, grid: tuple[int, int] | None = None) -> torch.Tensor:

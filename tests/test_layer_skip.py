@@ -91,13 +91,20 @@ def test_lr_mass_needs_a_schedule_that_is_a_function_of_the_step():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="lds_progress='lr_mass' needs .* StepLR"):
         scheduler_learning_rates(torch.optim.lr_scheduler.StepLR(optimizer, 2), 4)
+    # a LambdaLR subclass whose lambdas are per-step multipliers, not the rate itself
+    with pytest.raises(ValueError, match="MultiplicativeLR"):
+        scheduler_learning_rates(torch.optim.lr_scheduler.MultiplicativeLR(optimizer, lambda step: 0.9), 4)
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau"):
+        training_args("unused", lds_progress="lr_mass", lr_scheduler_type="reduce_lr_on_plateau")
 
 
-def test_lr_mass_in_training_follows_the_trainers_own_schedule(out_dir):
+def test_lr_mass_in_training_follows_the_trainers_own_schedule(out_dir, tmp_path):
     E = 6
     args = dict(max_steps=E, lds_alpha=1.0, lds_epsilon=0.0, lds_schedule="linear", lr_scheduler_type="linear")
     _, by_steps = train(tiny_llava(), training_args(out_dir, **args))
-    trainer, by_mass = train(tiny_llava(), training_args(out_dir, lds_progress="lr_mass", **args))
+    recipe = tmp_path / "recipe.yaml"  # set by the instruction stage's section of a recipe, as a preset would
+    recipe.write_text(json.dumps({"instruction": {"lds_progress": "lr_mass"}}))
+    trainer, by_mass = train(tiny_llava(), training_args(out_dir, sts_preset=str(recipe), **args))
     steps = [log["lds_skip_probability"] for log in by_steps.logs if "loss" in log]
     mass = [log["lds_skip_probability"] for log in by_mass.logs if "loss" in log]
     # linear decay of the learning rate from step 0: rates (E - e) / E, progress 1 - (E - e)(E - e + 1) / (E (E + 1))

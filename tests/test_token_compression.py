@@ -334,19 +334,26 @@ def test_pool_blocks_are_neighbours_on_the_grid(n, k, grid, blocks):
     assert [sorted((groups == g).nonzero().squeeze(1).tolist()) for g in range(k)] == blocks
 
 
-@pytest.mark.parametrize("grid, k", [((24, 24), 288), ((24, 24), 144), ((24, 24), 29), ((7, 5), 17), ((3, 11), 2),
-                                     (None, 7)])
+@pytest.mark.parametrize("grid, k", [((24, 24), 288), ((24, 24), 144), ((24, 24), 29), ((27, 27), 365),
+                                     ((11, 11), 61), ((7, 5), 17), ((3, 11), 2), (None, 7), (None, 73)])
 def test_pool_blocks_cover_every_token_once_and_hold_the_kept_token_order(grid, k):
-    n = 35 if grid is None else grid[0] * grid[1]
+    n = {None: 35 if k < 35 else 100}.get(grid) or grid[0] * grid[1]
     groups = pool_groups(n, k, grid)
     counts = torch.bincount(groups, minlength=k)
     assert groups.shape == (n,) and len(counts) == k and (counts > 0).all()
-    # block g is around the g-th token uniform keeps: its centre of mass is nearer that token than any other kept one
-    rows, cols = grid or (1, n)
+    # block g holds the g-th token uniform keeps (uneven strides included), and is made of that token's neighbours:
+    # every token's block is on a kept row nearest to the token's row, at a kept column of that row nearest to its
+    # column
     kept = uniform_indices(n, k, grid)
-    coords = torch.stack([torch.arange(n) // cols, torch.arange(n) % cols], 1).float()
-    centres = torch.stack([coords[groups == g].mean(0) for g in range(k)])
-    assert (torch.cdist(centres, coords[kept]).argmin(1) == torch.arange(k)).float().mean() >= 0.9
+    assert torch.equal(groups[kept], torch.arange(k))
+    rows, cols = grid or (1, n)
+    row, col = torch.arange(n) // cols, torch.arange(n) % cols
+    kept_row, kept_col = row[kept], col[kept]
+    row_gap = (row[:, None] - kept_row[None, :]).abs()  # (n, k)
+    assert torch.equal(row_gap.gather(1, groups[:, None]).squeeze(1), row_gap.min(1).values)
+    same_row = kept_row[None, :] == kept_row[groups][:, None]  # (n, k) the kept tokens on the block's row
+    col_gap = (col[:, None] - kept_col[None, :]).abs().masked_fill(~same_row, n)
+    assert torch.equal(col_gap.gather(1, groups[:, None]).squeeze(1), col_gap.min(1).values)
 
 
 def test_pool_carries_each_blocks_mean_and_every_token_gets_gradient():

@@ -225,15 +225,15 @@ COMPOSED_KEEP_RATIO = 0.25
 
 def selection_cost(setup: Setup, repeats: int = 20) -> dict:
     """Median time of choosing one step's visual tokens (the benchmark's batch of images, its visual tokens, its
-    projector width) with `diverse_indices` and with `uniform_indices`, and of pooling them (`pool_features`, on
-    the image's square grid), in ms."""
+    projector width) with `diverse_indices` and with `uniform_indices` on the image's square grid, and of pooling
+    them (`pool_features`, on top of the uniform selection), in ms."""
     n = (setup.image_size // setup.patch_size) ** 2
     k = num_kept(n, COMPOSED_KEEP_RATIO)
     side = setup.image_size // setup.patch_size
     features = [torch.randn(n, setup.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(setup.batch_size)]
     timings = {}
     for name, select in (("diverse", lambda: diverse_indices(features, [k] * len(features))),
-                         ("uniform", lambda: [uniform_indices(n, k) for _ in features]),
+                         ("uniform", lambda: [uniform_indices(n, k, (side, side)) for _ in features]),
                          ("pool", lambda: [pool_features(f, k, (side, side)) for f in features])):
         runs = []
         for _ in range(repeats):

@@ -104,8 +104,8 @@ class PlanArguments:
     )
     lr_scheduler_type: str = field(
         default="cosine",
-        metadata={"help": "Instruction tuning's learning-rate schedule, for lds_progress='lr_mass' (LLaVA-1.5: "
-                  "cosine)."},
+        metadata={"help": "The learning-rate schedule (LLaVA-1.5: cosine in both stages), for "
+                  "lds_progress='lr_mass'."},
     )
     warmup_ratio: float = field(
         default=0.03, metadata={"help": "Its warm-up, as a fraction of the stage's steps (LLaVA-1.5: 0.03)."}
@@ -184,7 +184,7 @@ def stage_options(args: PlanArguments, recipe: str | dict | None, stage: str) ->
 
 
 def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: dict,
-                lr_schedule: tuple[str, float] = ("cosine", 0.03)) -> dict:
+                lr_schedule: tuple[str, float]) -> dict:
     """Dense and expected STS FLOPs of a stage of `samples` samples in `steps` optimizer steps of `shape` (per
     sample), with `options` (`stage_options`).
 
