@@ -30,14 +30,14 @@ def test_quick_experiment_writes_every_variant(quick):
     out, _, result = quick
     names = [row["variant"] for row in result["rows"]]
     assert names == [v.name for v in experiment.VARIANTS]
-    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 24
+    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 30
     assert "VTC-I uniform 0.1 + full 0.1 + LDS (after VTC uniform 0.5)" in names
-    for strategy in ("uniform", "random", "instruction"):
+    assert {"STS with pool (VTC pool 0.5 + LDS)", "LDS lr_mass", "VTC uniform 0.5 original positions"} <= set(names)
+    for strategy in ("uniform", "random", "instruction", "pool"):
         assert f"VTC {strategy} 0.5" in names and f"VTC {strategy} 0.25" in names
     saved = json.loads((out / "accuracy.json").read_text())
     assert saved["rows"] == result["rows"] and len(saved["per_seed"]) == 1
     table = (out / "accuracy.md").read_text()
-    # three tables: two with a line per variant, the token profile with the testbed's and LLaVA-1.5-7B's lines
     # five tables: the summary, the equivalence one and two more with a line per variant, the token profile
     # (the first two have no rows when a few steps left the baseline at 0%: retention undefined)
     per_variant = 4 if "pooled_retention" in result["rows"][0] else 2
@@ -49,6 +49,8 @@ def test_quick_experiment_writes_every_variant(quick):
     assert sts_line.count("|") == len(CATEGORIES) + 6
     if "pooled_retention" in result["rows"][0]:
         assert "[" in sts_line
+        assert "| STS defaults | " in table and "| sts_plus | " in table  # the summary's names of the recipes
+    assert set(experiment.SUMMARY_NAMES) <= set(names)
 
 
 def test_quick_experiment_columns_and_references(quick):
