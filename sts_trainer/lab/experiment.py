@@ -723,7 +723,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(foundation["report"]) as f:
         foundation_report = json.load(f)
     output = {
-        "arguments": asdict(exp), "foundation": foundation_report, "machine": machine,
+        "arguments": asdict(exp), "regime": exp.regime(foundation["lm_layers"]), "foundation": foundation_report,
+        "machine": machine,
         "seconds": time.perf_counter() - start, "rows": rows, "per_seed": per_seed, "references": references,
         "token_profile": profile, "runs": raw,
     }
