@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 
+from .experiment import SUMMARY_NAMES
 from .foundation import SHIPPED_RECIPES
 
 
@@ -64,7 +65,7 @@ def plot_regimes(results: list[dict], path: str) -> None:
         x = [i + (j - len(points) / 2) * shift for i, *_ in values]
         y = [v[1] for v in values]
         errors = [[v[1] - v[2] for v in values], [v[3] - v[1] for v in values]]
-        ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=variant)
+        ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=SUMMARY_NAMES.get(variant, variant))
     ax.axhline(100, color="grey", linestyle="--", linewidth=1)
     ax.axhline(99, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(results)), [r["regime"] for r in results])
@@ -83,18 +84,20 @@ def plot_frontier(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for row in result["rows"]:
         saved = row.get("llava_plan_flops_saved")
-        if saved is None or "pooled_retention" not in row:
+        if saved is None or "pooled_retention" not in row or row["variant"] == "baseline":
             continue
         r = row["pooled_retention"]
         y = 100 * r["point"]
         ax.errorbar([100 * saved], [y], yerr=[[y - 100 * r["ci95"][0]], [100 * r["ci95"][1] - y]], marker="o",
                     capsize=3, color="C0")
-        ax.annotate(row["variant"], (100 * saved, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.annotate(SUMMARY_NAMES.get(row["variant"], row["variant"]), (100 * saved, y), textcoords="offset points",
+                    xytext=(5, 3), fontsize=7)
     ax.axhline(100, color="grey", linestyle="--", linewidth=1)
     ax.axhline(99, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(left=0, right=max([ax.get_xlim()[1] * 1.35, 10]))  # room for the names
     ax.set_xlabel("LLaVA-1.5-7B whole-run training FLOPs saved (%, sts-plan)")
     ax.set_ylabel("retention of dense accuracy (%), crossed 95% interval")
     ax.set_title(f"Saving against retention ({result['regime']})")
