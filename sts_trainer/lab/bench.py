@@ -44,6 +44,7 @@ from ..flops import micro_batch_flops
 from ..token_compression import diverse_indices, num_kept, pool_features, uniform_indices
 from ..trainer import STSTrainer
 from .tiny import collate, freeze_for_alignment, synthetic_samples, tiny_llava, tiny_llava_config
+from .timing import StepTimer
 
 
 @dataclass
@@ -62,27 +63,6 @@ class Setup:
 
 
 QUICK = Setup(hidden_size=64, num_layers=4, patch_size=8, image_size=48, prompt_length=8, steps=3, warmup=1, rounds=2)
-
-
-class StepTimer(TrainerCallback):
-    """Each optimizer step's wall-clock; on a GPU the device is synchronised at both ends, so the step's kernels are
-    inside the time (they run asynchronously to the Python that launches them)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    @staticmethod
-    def _sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
 
 
 @dataclass
@@ -356,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="with --profile: decoder layers of the language model (default: the profile's)")
     cli = parser.parse_args(argv)
     if cli.profile:
-        from . import gpu_bench  # imports this module (its step timer)
+        from . import gpu_bench  # a GPU-only module, imported when asked for
 
         if cli.profile not in gpu_bench.PROFILES:
             parser.error(f"--profile {cli.profile!r}: choose one of {', '.join(gpu_bench.PROFILES)}.")

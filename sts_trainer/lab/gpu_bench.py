@@ -52,7 +52,7 @@ from ..flops import micro_batch_flops
 from ..presets import PRESETS
 from ..token_compression import num_kept
 from ..trainer import STSTrainer
-from .bench import StepTimer
+from .timing import StepTimer
 from .tiny import collate, freeze_for_alignment
 
 IMAGE_TOKEN_ID = 32000  # LLaVA-1.5's <image>, past LLaMA's 32000 text tokens
