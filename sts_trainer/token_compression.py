@@ -133,14 +133,24 @@ def uniform_indices(n: int, k: int, grid: tuple[int, int] | None = None) -> torc
     """
     if grid is None:
         return _centers(n, k)
+    per_row = _kept_lattice(n, k, grid)
+    if per_row is None:
+        return torch.arange(n)
+    rows, cols = grid
+    kept_rows = _centers(rows, len(per_row)).tolist()
+    return torch.cat([row * cols + _centers(cols, m) for row, m in zip(kept_rows, per_row)])
+
+
+def _kept_lattice(n: int, k: int, grid: tuple[int, int]) -> list[int] | None:
+    """The lattice `uniform_indices` keeps on the token `grid` (rows, cols): the kept tokens of each of its `kr` kept
+    rows (k / kr each, or floor / ceil of it); None when every token is kept."""
     rows, cols = grid
     if rows * cols != n:
         raise ValueError(f"The token grid {rows} x {cols} has {rows * cols} tokens, but the image has {n}.")
     if k == n:
-        return torch.arange(n)
+        return None
     kr = _kept_rows(k, rows, cols)
-    per_row = [(i + 1) * k // kr - i * k // kr for i in range(kr)]  # k / kr each, or floor / ceil of it
-    return torch.cat([row * cols + _centers(cols, m) for row, m in zip(_centers(rows, kr).tolist(), per_row)])
+    return [(i + 1) * k // kr - i * k // kr for i in range(kr)]
 
 
 def _nearest_centre(n: int, k: int) -> torch.Tensor:
@@ -165,13 +175,11 @@ def pool_groups(n: int, k: int, grid: tuple[int, int] | None = None) -> torch.Te
         raise ValueError(f"Cannot pool {n} tokens into {k}.")
     if grid is None:
         return _nearest_centre(n, k)
-    rows, cols = grid
-    if rows * cols != n:
-        raise ValueError(f"The token grid {rows} x {cols} has {rows * cols} tokens, but the image has {n}.")
-    if k == n:
+    per_row = _kept_lattice(n, k, grid)
+    if per_row is None:
         return torch.arange(n)
-    kr = _kept_rows(k, rows, cols)
-    per_row = [(i + 1) * k // kr - i * k // kr for i in range(kr)]  # kept tokens of each kept row
+    rows, cols = grid
+    kr = len(per_row)
     first = [i * k // kr for i in range(kr)]  # index of each kept row's first pooled token
     band = _nearest_centre(rows, kr).tolist()  # the kept row whose band each grid row is in
     return torch.cat([first[b] + _nearest_centre(cols, per_row[b]) for b in band])

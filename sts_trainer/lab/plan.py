@@ -136,6 +136,10 @@ class PlanArguments:
             )
 
 
+# The planner's flags that are STS options of the trainer too (a recipe's section wins over those at their defaults).
+STS_FLAGS = ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule", "lds_progress")
+
+
 def load_config(path: str) -> PretrainedConfig:
     """The config in a local directory (its config.json) or JSON file; never touches the Hub."""
     if not Path(path).exists():
@@ -173,9 +177,7 @@ def stage_options(args: PlanArguments, recipe: str | dict | None, stage: str) ->
             recipe = str(path)
         # the planner's flags that differ from the trainer's defaults count as given (its parser fills in the rest)
         defaults = {f.name: f.default for f in fields(STSTrainingArguments)}
-        flags = {name: getattr(args, name) for name in ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule",
-                                                        "lds_progress")
-                 if getattr(args, name) != defaults[name]}
+        flags = {name: getattr(args, name) for name in STS_FLAGS if getattr(args, name) != defaults[name]}
         staged = STSTrainingArguments(output_dir=folder, report_to="none", sts_preset=recipe, **flags).for_stage(stage)
     options = {name: getattr(staged, name) for name in PRESET_OPTION_NAMES}
     options["vtc"] = staged.sts_vtc == "on" or (staged.sts_vtc == "auto" and stage == "alignment")
@@ -285,8 +287,7 @@ def plan(args: PlanArguments) -> dict:
     priced = price_run(args, args.sts_config)
     config = priced["config"]
     # its published setting whatever the STS flags say (the shape of the run is the same)
-    flags = ("vtc_keep_ratio", "lds_alpha", "lds_epsilon", "lds_schedule", "lds_progress")
-    defaults = {name: PlanArguments.__dataclass_fields__[name].default for name in flags}
+    defaults = {name: PlanArguments.__dataclass_fields__[name].default for name in STS_FLAGS}
     dualspeed = price_run(replace(args, **defaults), DUALSPEED)
     return {
         "model_config": args.model_config,
