@@ -228,14 +228,16 @@ QUICK = dict(seeds=1, train_samples=24, test_samples=12, alignment_steps=2, inst
 
 
 def _training_args(exp: ExperimentArguments, stage: str, seed: int, output_dir: str,
-                   sts: dict | None, steps: int | None = None) -> STSTrainingArguments:
+                   sts: dict | None, steps: int | None = None, save_steps: int | None = None) -> STSTrainingArguments:
+    """A stage's training arguments; with `save_steps`, a checkpoint (the model only) every that many steps."""
     full, lr = (exp.scaled("alignment_steps"), exp.alignment_lr) if stage == "stage1" else (
         exp.scaled("instruction_steps"), exp.instruction_lr)
     steps = steps or full
     args = STSTrainingArguments(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=exp.batch_size, learning_rate=lr,
         warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine", logging_steps=max(1, steps // 10),
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
+        save_strategy="no" if save_steps is None else "steps", save_steps=save_steps or 500,
+        save_only_model=save_steps is not None, report_to=[], use_cpu=not torch.cuda.is_available(), seed=seed,
         dataloader_num_workers=0, disable_tqdm=True, sts_stage="none" if sts is None else "auto",
         **{"vtc_position_ids": exp.vtc_position_ids, **(sts or {})},
     )
@@ -306,7 +308,7 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
 
     def aligned(key: str) -> dict:  # each stage-1 setting trains once, when a variant first needs it
         if key not in stage1:
-            output_dir = os.path.join(root, "stage1", key.replace(" ", "_"))
+            output_dir = stage1_folder(root, key)
             stage1[key] = train("stage1", key, STAGE1[key], output_dir, **compose)
         return stage1[key]
 
@@ -317,7 +319,7 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
     chosen = [v for v in VARIANTS if v.name in exp.chosen()]
     for variant in sorted(chosen, key=lambda v: (v.name not in ("baseline", "no alignment (control)"),
                                                  v.budget_of is not None)):
-        output_dir = os.path.join(root, "stage2", variant.name.split(" (")[0].replace(" ", "_").replace("'", ""))
+        output_dir = stage2_folder(root, variant)
         result = _done(os.path.join(output_dir, "result.json"))
         budget, variant_stage1 = (None, None), variant.stage1
         if variant.budget_of:  # its own dense stage 1, cut short (found, not retrained, when done before)
@@ -334,23 +336,7 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
             zero_filled = variant.stage2 == "LDS zero-filled"
             with zero_filled_skipped_layers() if zero_filled else contextlib.nullcontext():
                 stage2 = train("stage2", variant.name, STAGE2[variant.stage2], output_dir, budget[1], **init)
-            start = time.perf_counter()
-            model = AutoModelForImageTextToText.from_pretrained(output_dir)
-            processor = AutoProcessor.from_pretrained(output_dir)
-            eval_dir = os.path.join(output_dir, "eval")
-            scores = evaluate_model(model, processor, test["questions_path"], test["image_folder"], "exact_match",
-                                    eval_dir, max_new_tokens=3)
-            with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
-                predictions = [json.loads(line) for line in f]
-            if [p["id"] for p in predictions] != [q["id"] for q in questions]:
-                raise RuntimeError(f"{eval_dir}/predictions.jsonl does not follow the question file's order.")
-            result = {
-                "stage2": stage2, "scores": scores, "eval_seconds": time.perf_counter() - start,
-                "correct": [int(normalize_answer(p["prediction"]) == normalize_answer(p["answer"]))
-                            for p in predictions],
-            }
-            if abs(statistics.fmean(result["correct"]) - scores["exact_match"]) > 1e-9:
-                raise RuntimeError(f"Per-question correctness disagrees with the exact_match metric in {eval_dir}.")
+            result = {"stage2": stage2, **evaluate_run(output_dir, test, questions)}
             with open(os.path.join(output_dir, "result.json"), "w") as f:
                 json.dump(result, f, indent=1)
         else:
@@ -362,6 +348,36 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
             "scores": result["scores"], "eval_seconds": result["eval_seconds"], "correct": result["correct"],
         }
     return {v.name: results[v.name] for v in chosen}
+
+
+def evaluate_run(model_dir: str, test: dict[str, str], questions: list[dict], eval_dir: str | None = None) -> dict:
+    """Answer the held-out questions greedily with the model saved in `model_dir` (loaded by plain transformers, so
+    dense: nothing skipped or compressed); its scores, per-question correctness (in the question file's order) and
+    the seconds it took. Predictions and scores go to `eval_dir` (default `<model_dir>/eval`)."""
+    start = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    eval_dir = eval_dir or os.path.join(model_dir, "eval")
+    scores = evaluate_model(model, processor, test["questions_path"], test["image_folder"], "exact_match",
+                            eval_dir, max_new_tokens=3)
+    with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
+        predictions = [json.loads(line) for line in f]
+    if [p["id"] for p in predictions] != [q["id"] for q in questions]:
+        raise RuntimeError(f"{eval_dir}/predictions.jsonl does not follow the question file's order.")
+    correct = [int(normalize_answer(p["prediction"]) == normalize_answer(p["answer"])) for p in predictions]
+    if abs(statistics.fmean(correct) - scores["exact_match"]) > 1e-9:
+        raise RuntimeError(f"Per-question correctness disagrees with the exact_match metric in {eval_dir}.")
+    return {"scores": scores, "eval_seconds": time.perf_counter() - start, "correct": correct}
+
+
+def stage1_folder(root: str, key: str) -> str:
+    """Where a seed's stage-1 setting `key` (of STAGE1) is trained and kept."""
+    return os.path.join(root, "stage1", key.replace(" ", "_"))
+
+
+def stage2_folder(root: str, variant: Variant) -> str:
+    """Where a seed's stage 2 of `variant` is trained and kept."""
+    return os.path.join(root, "stage2", variant.name.split(" (")[0].replace(" ", "_").replace("'", ""))
 
 
 def _budget_steps(exp: ExperimentArguments, results: dict[str, dict], variant: Variant) -> tuple[int, int]:

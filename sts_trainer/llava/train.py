@@ -307,8 +307,10 @@ def save_outputs(trainer: LlavaTrainer, model_args: ModelArguments, processor) -
             processor.save_pretrained(os.path.join(output_dir, "merged"))
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: STSTrainingArguments) -> dict:
-    """Train one stage; return a summary (steps, wall-clock, final loss, STS savings, skipped samples)."""
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: STSTrainingArguments,
+        callbacks: list | None = None) -> dict:
+    """Train one stage; return a summary (steps, wall-clock, final loss, STS savings, skipped samples). `callbacks`:
+    extra `TrainerCallback`s for the trainer."""
     check_stages(model_args, training_args)
     # A composed model's new projector is initialised from the seed, so runs with the same seed start alike.
     set_seed(training_args.seed)
@@ -329,6 +331,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: STS
         processing_class=processor,
         projector_lr=model_args.projector_lr,
         group_by_modality=data_args.group_by_modality_length,
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_outputs(trainer, model_args, processor)
