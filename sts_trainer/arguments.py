@@ -15,6 +15,7 @@ VTC_KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
 VTC_POSITION_IDS = ("compact", "original")
 LDS_SCHEDULES = ("quadratic", "linear", "constant")
 LDS_PROGRESS = ("steps", "lr_mass")
+LDS_LAYER_ORDERS = ("depth", "redundancy")
 _TRAINING_ARGUMENT_NAMES = {f.name for f in fields(TrainingArguments)}
 _MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # 'model.layers', 'blocks.0.mlp'
 
@@ -154,6 +155,23 @@ class STSTrainingArguments(TrainingArguments):
             "choices": list(LDS_PROGRESS),
         },
     )
+    lds_layer_order: str = field(
+        default="depth",
+        metadata={
+            "help": "Which layers LDS skips more: 'depth' (the paper's: the skip probability grows linearly with "
+            "depth, from 1 - epsilon to 1 + epsilon times the mean) or 'redundancy' (the same factors given in the "
+            "order of each layer's measured change of the residual stream, the mean cosine similarity between the "
+            "hidden states entering and leaving it over its executed training forwards: the layer that changes "
+            "them least is skipped most). The mean skip rate, hence the saving, is the same. Re-ranked every "
+            "lds_rerank_every optimizer steps from every rank's measurements (so all ranks skip alike, and a resumed "
+            "run ranks as an uninterrupted one); depth order until the first ranking.",
+            "choices": list(LDS_LAYER_ORDERS),
+        },
+    )
+    lds_rerank_every: int = field(
+        default=25,
+        metadata={"help": "With lds_layer_order='redundancy': optimizer steps between two rankings of the layers."},
+    )
 
     sts_preset: str | None = field(
         default=None,
@@ -229,6 +247,7 @@ class STSTrainingArguments(TrainingArguments):
             ("vtc_keep_schedule", VTC_KEEP_SCHEDULES),
             ("lds_schedule", LDS_SCHEDULES),
             ("lds_progress", LDS_PROGRESS),
+            ("lds_layer_order", LDS_LAYER_ORDERS),
             ("sts_blank_image", SWITCHES),
         ):
             value = getattr(self, name)
@@ -251,6 +270,8 @@ class STSTrainingArguments(TrainingArguments):
             )
         if self.vtc_distill_weight < 0.0:
             raise ValueError(f"vtc_distill_weight={self.vtc_distill_weight} is out of range; it must be >= 0.")
+        if self.lds_rerank_every < 1:
+            raise ValueError(f"lds_rerank_every={self.lds_rerank_every} is out of range; it must be >= 1.")
         for name in ("lds_alpha", "lds_epsilon"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

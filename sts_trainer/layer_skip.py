@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import find_parts
+from .distributed import gather_from_ranks
 from .randomness import LDS_STREAM, decision_generator
 
 
@@ -48,6 +49,39 @@ def skip_probability(
     decay = {"quadratic": remaining**2, "linear": remaining, "constant": 1.0}[schedule]
     depth = 1.0 if num_layers == 1 else 1.0 + epsilon * (2 * layer - (num_layers - 1)) / (num_layers - 1)
     return min(max(alpha * decay * depth, 0.0), 1.0)
+
+
+def redundancy_ranks(similarity: Sequence[float | None]) -> list[int]:
+    """Each decoder layer's place in the depth factor of `skip_probability` under `lds_layer_order='redundancy'`:
+    the layers ordered by their mean cosine similarity between the hidden states entering and leaving them (high: the
+    layer changes the residual stream little), the one that changes it most first (rank 0, skipped least), the most
+    redundant last (rank L - 1, skipped most). Ties keep depth order; a layer not yet measured (None: it never ran in
+    training) counts as changing it most, so it runs and gets measured."""
+    key = [(-2.0 if s is None else s, layer) for layer, s in enumerate(similarity)]  # cosine >= -1
+    order = sorted(range(len(key)), key=key.__getitem__)
+    ranks = [0] * len(order)
+    for rank, layer in enumerate(order):
+        ranks[layer] = rank
+    return ranks
+
+
+class SimilarityMeter:
+    """Sums, over one decoder layer's executed training forwards, the cosine similarity between the hidden states
+    entering and leaving it (the mean over the batch's tokens, padding included), without synchronising the device:
+    the sum stays a tensor until `totals()`."""
+
+    def __init__(self):
+        self.sum: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        with torch.no_grad():
+            cosine = torch.nn.functional.cosine_similarity(before.detach().float(), after.detach().float(), dim=-1)
+            self.sum = self.sum + cosine.mean()
+        self.count += 1
+
+    def totals(self) -> tuple[float, int]:
+        return float(self.sum), self.count
 
 
 def lr_mass_progress(learning_rates: Sequence[float]) -> list[float]:
@@ -125,6 +159,9 @@ class _SkippableLayer:
                 "hidden-states tensor, so a skipped layer (which returns its input) would not fit its caller. Make the "
                 "decoder layer return the hidden states tensor, or turn LDS off with sts_lds='off'."
             )
+        meter = self.__dict__.get("_sts_meter")  # lds_layer_order='redundancy': what the layer changed
+        if meter is not None and self.training:
+            meter.add(args[0] if args else kwargs["hidden_states"], output)
         return output
 
     def __reduce_ex__(self, protocol):
@@ -132,7 +169,7 @@ class _SkippableLayer:
         # generated class exists only in this process, so a saved model loads where sts_trainer was never imported, and
         # a copy (an EMA model, say) is a plain model that no skipper drives and that `remove()` need not undo.
         # (Not `copyreg.__newobj__`, which pickle refuses for a class other than the object's own.)
-        state = {k: v for k, v in self.__getstate__().items() if k not in ("_sts_skip", "_sts_runs")}
+        state = {k: v for k, v in self.__getstate__().items() if k not in ("_sts_skip", "_sts_runs", "_sts_meter")}
         return object.__new__, (self._sts_original_class,), state
 
 
@@ -172,13 +209,29 @@ class LayerSkipper:
     `remove()` at the end restores the original layer classes.
 
     `layers`: the module path of the decoder-layer list (`sts_decoder_layers`) for a model `find_parts` does not know.
+    `order`: which layers the depth factor favours: 'depth' (the paper's: deeper layers skipped more) or 'redundancy'
+    (the same factors in the order of each layer's measured change of the residual stream, `redundancy_ranks`,
+    re-ranked every `rerank_every` optimizer steps from the measurements of every rank, so that all ranks skip alike;
+    depth order until the first ranking). The mean skip probability over the layers is the same in both.
     """
 
     def __init__(
         self, alpha: float = 0.5, epsilon: float = 0.5, schedule: str = "quadratic", seed: int = 0,
-        layers: str | None = None,
+        layers: str | None = None, order: str = "depth", rerank_every: int = 25,
     ):
+        if order not in ("depth", "redundancy"):
+            raise ValueError(f"order={order!r} is not valid; choose depth or redundancy.")
+        if rerank_every < 1:
+            raise ValueError(f"rerank_every={rerank_every} is out of range; it must be >= 1.")
         self.alpha, self.epsilon, self.schedule, self.seed = alpha, epsilon, schedule, seed
+        self.order, self.rerank_every = order, rerank_every
+        # 'redundancy': each layer's place in the depth factor (None: depth order), the mean similarities it came
+        # from, the step it was made at, and the whole run's sums before a resumed checkpoint (every rank's)
+        self.ranks: list[int] | None = None
+        self.similarity: list[float | None] | None = None
+        self._ranked_at: int | None = None
+        self._measured_before: list[tuple[float, int]] | None = None
+        self._meters: list[SimilarityMeter] = []
         self.layers_path = layers
         # per optimizer step, the stage's progress for the decay (`lr_mass_progress`); None: step / total steps
         self.progress: Sequence[float] | None = None
@@ -200,6 +253,10 @@ class LayerSkipper:
         self._patched = list(self.layers)
         for layer in self.layers:
             layer.__class__ = _skippable_class(type(layer))
+        if self.order == "redundancy":
+            self._meters = [SimilarityMeter() for _ in self._patched]
+            for layer, meter in zip(self._patched, self._meters):
+                layer.__dict__["_sts_meter"] = meter
 
     def remove(self) -> None:
         if self._original_classes is None:
@@ -212,6 +269,7 @@ class LayerSkipper:
             # stays, and the layer, no longer marked, runs its forward as usual
             layer.__dict__.pop("_sts_skip", None)
             layer.__dict__.pop("_sts_runs", None)
+            layer.__dict__.pop("_sts_meter", None)
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
@@ -233,10 +291,47 @@ class LayerSkipper:
         progress = None
         if self.progress is not None:
             progress = self.progress[step] if step < len(self.progress) else 1.0
+        places = self.ranks if self.ranks is not None else range(num_layers)
         return [
-            skip_probability(step, total_steps, i, num_layers, self.alpha, self.epsilon, self.schedule, progress)
-            for i in range(num_layers)
+            skip_probability(step, total_steps, place, num_layers, self.alpha, self.epsilon, self.schedule, progress)
+            for place in places
         ]
+
+    # ---- lds_layer_order='redundancy' --------------------------------------------------------------------------------
+
+    def measured(self) -> list[tuple[float, int]]:
+        """Per layer, the whole run's summed similarity and forward count so far, over every rank (a collective when
+        several processes run: every rank must call it at the same point)."""
+        local = [meter.totals() for meter in self._meters]
+        ranks = gather_from_ranks(local) or [local]
+        before = self._measured_before or [(0.0, 0)] * len(local)
+        return [(b[0] + sum(r[i][0] for r in ranks), b[1] + sum(r[i][1] for r in ranks))
+                for i, b in enumerate(before)]
+
+    def rerank(self, step: int) -> None:
+        """Re-rank the layers by their measured redundancy (`redundancy_ranks`); the same on every rank."""
+        totals = self.measured()
+        self.similarity = [total / count if count else None for total, count in totals]
+        self.ranks = redundancy_ranks(self.similarity)
+        self._ranked_at = step
+
+    def state(self) -> dict | None:
+        """What a checkpoint keeps so that a resumed run ranks as an uninterrupted one would (a collective, see
+        `measured`); None under depth order."""
+        if self.order != "redundancy":
+            return None
+        return {"measured": self.measured(), "ranks": self.ranks, "similarity": self.similarity,
+                "ranked_at": self._ranked_at}
+
+    def load_state(self, state: dict | None) -> None:
+        """Continue from a checkpoint's `state()`: the measurements so far count once, on top of this run's."""
+        if self.order != "redundancy" or not state:
+            return
+        if len(state["measured"]) != len(self._meters):
+            raise ValueError(f"The checkpoint's LDS state has {len(state['measured'])} layers, the model "
+                             f"{len(self._meters)}: resume with the model it was saved from.")
+        self._measured_before = [tuple(m) for m in state["measured"]]
+        self.ranks, self.similarity, self._ranked_at = state["ranks"], state["similarity"], state["ranked_at"]
 
     def decide(self, step: int, total_steps: int, micro_step: int) -> tuple[list[bool], list[float]]:
         """Mark the layers skipped for this micro-batch; returns the decisions and the probabilities they came from.
@@ -245,6 +340,9 @@ class LayerSkipper:
         skips the same layers (distributed engines require it) and a resumed run repeats an uninterrupted one.
         """
         self._check_not_wrapped()
+        if (self.order == "redundancy" and micro_step == 0 and step > 0 and step % self.rerank_every == 0
+                and step != self._ranked_at):
+            self.rerank(step)
         probs = self.probabilities(step, total_steps)
         draws = torch.rand(len(probs), generator=decision_generator(self.seed, step, micro_step, LDS_STREAM))  # (L,)
         skips = [bool(u < p) for u, p in zip(draws.tolist(), probs)]

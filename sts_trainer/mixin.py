@@ -158,7 +158,8 @@ class STSMixin:
                 )
             self._components["vtc"].install(plan.parts.model)
         if plan.lds:
-            self._components["lds"] = LayerSkipper(args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed)
+            self._components["lds"] = LayerSkipper(args.lds_alpha, args.lds_epsilon, args.lds_schedule, args.seed,
+                                                   order=args.lds_layer_order, rerank_every=args.lds_rerank_every)
             self._components["lds"].install(plan.parts.layers)
         self.sts_plan = plan
         self._install_blank_image(plan.parts)
@@ -480,11 +481,13 @@ class STSMixin:
         # every rank's totals so far (a collective: every rank saves), and the wall-clock so far
         ledger = {**self.sts_ledger.to_dict(), "ranks": gather_from_ranks(self.sts_ledger.rank_sums()),
                   "wall_clock_seconds": self._sts_report.elapsed()}
+        lds = self._components.get("lds")
+        lds_state = lds.state() if lds is not None else None  # a collective too, under lds_layer_order='redundancy'
         if not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({"options": self.args.sts_options(), "ledger": ledger}, f)
+            json.dump({"options": self.args.sts_options(), "ledger": ledger, "lds": lds_state}, f)
 
     def _resume_ledger(self, checkpoint: str) -> None:
         """Continue the ledger of the run being resumed, and warn by name about each STS option that changed."""
@@ -508,6 +511,8 @@ class STSMixin:
             self.sts_ledger.resumed = ledger.ranks[rank]
         self.sts_ledger.wall_clock_seconds = ledger.wall_clock_seconds
         self.sts_ledger.flops_not_counted = self.sts_ledger.flops_not_counted or ledger.flops_not_counted
+        if "lds" in self._components:  # the measurements that rank the layers (lds_layer_order='redundancy')
+            self._components["lds"].load_state(saved.get("lds"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model

@@ -49,6 +49,7 @@ class SparsityPlan:
         parts.append(
             f"LDS on (alpha={args.lds_alpha}, epsilon={args.lds_epsilon}, schedule={args.lds_schedule}, "
             f"{'' if args.lds_progress == 'steps' else f'progress={args.lds_progress}, '}"
+            f"{'' if args.lds_layer_order == 'depth' else f'order=redundancy (every {args.lds_rerank_every} steps), '}"
             f"{len(self.parts.layers)} decoder layers)"
             if self.lds
             else "LDS off"

@@ -29,6 +29,8 @@ def test_defaults(tmp_path):
         ("vtc_position_ids", "shifted"),
         ("lds_schedule", "cosine"),
         ("lds_progress", "time"),
+        ("lds_layer_order", "width"),
+        ("lds_rerank_every", 0),
         ("vtc_keep_ratio", 0.0),
         ("vtc_keep_ratio", 1.5),
         ("vtc_keep_ratio", -0.1),

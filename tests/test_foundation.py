@@ -1,5 +1,7 @@
+import collections
 import json
 import os
+import random
 from dataclasses import asdict, replace
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from sts_trainer.lab import foundation
-from sts_trainer.lab.foundation import QUICK_RECIPE, AttributeHeads, build_foundation, scene_targets, world_texts
+from sts_trainer.lab.foundation import (QUICK_RECIPE, SHIPPED_RECIPES, AttributeHeads, build_foundation, scene_targets,
+                                        world_texts)
 from sts_trainer.lab.synthetic import PATCH_WORDS, Scene, Shape, build_tokenizer_and_processor
 
 
@@ -100,6 +103,36 @@ def test_world_texts_can_write_the_scene_as_its_patch_words():
     assert processor.tokenizer.unk_token_id not in ids.tolist()
     with pytest.raises(ValueError, match="scene_text"):
         world_texts(processor, 1, "train", 0, "pixels")
+
+
+def test_varied_patch_words_have_no_fixed_layout():
+    """'patch_words_varied': a subset of a quarter to all of the scene's patch words, in raster order or shuffled;
+    over many texts the count and the order both vary, and every word is one of the scene's, at most once."""
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(16)]
+    counts, shuffled = set(), 0
+    for _ in range(400):
+        kept = foundation.varied_patch_words(words, rng)
+        assert 4 <= len(kept) <= 16 and len(set(kept)) == len(kept) and set(kept) <= set(words)
+        counts.add(len(kept))
+        shuffled += kept != sorted(kept, key=words.index)
+    assert counts == set(range(4, 17))
+    assert 150 < shuffled < 250  # about half, a few raster-ordered subsets of length 1 or 0 aside
+
+    processor = build_tokenizer_and_processor(image_size=32, patch_size=8, with_patch_words=True)
+    full = world_texts(processor, 40, "train", 0, "patch_words", 32, 8)
+    varied = world_texts(processor, 40, "train", 0, "patch_words_varied", 32, 8)
+    lengths = set()
+    for (prompt, answer), (full_prompt, full_answer) in zip(varied, full):
+        assert answer == full_answer  # the same scenes and questions; only the scene's words differ
+        if prompt.startswith("<s>USER: "):  # a question (chat template): the scene is the user turn's first line
+            scene = prompt.removeprefix("<s>USER: ").split("\n")[0].split()
+            whole = full_prompt.removeprefix("<s>USER: ").split("\n")[0].split()
+            assert len(whole) == 16 and collections.Counter(scene) <= collections.Counter(whole)
+            lengths.add(len(scene))
+    assert len(lengths) > 3 and max(lengths) <= 16 and min(lengths) >= 4
+    assert foundation.EXPERIMENT_RECIPES["deep_no_layout"].key("vision") == SHIPPED_RECIPES["deep"].key("vision")
+    assert foundation.EXPERIMENT_RECIPES["deep_no_layout"].key("language") != SHIPPED_RECIPES["deep"].key("language")
 
 
 # ---- the pairs shipped with the package ------------------------------------------------------------------------------

@@ -515,3 +515,106 @@ def test_the_component_on_a_bare_model_without_a_trainer():
     assert calls == [1 + (not skipped) for skipped in record.skipped]
     skipper.remove()
     assert not any(isinstance(layer, _SkippableLayer) for layer in layers_of(model))
+
+
+# ---- lds_layer_order='redundancy' -------------------------------------------------------------------------------------
+
+
+def test_redundancy_ranks_order_layers_by_how_little_they_change_the_stream():
+    from sts_trainer.layer_skip import redundancy_ranks
+
+    assert redundancy_ranks([0.9, 0.5, 0.99, 0.7]) == [2, 0, 3, 1]  # the most similar (redundant) last
+    assert redundancy_ranks([0.8, 0.8, 0.8]) == [0, 1, 2]  # ties keep depth order
+    assert redundancy_ranks([0.9, None, 0.2]) == [2, 0, 1]  # not measured: treated as changing it most
+
+
+def _identity_layers(model, which):
+    """Make decoder layers `which` the identity on the residual stream (their output projections zero)."""
+    for i in which:
+        layer = layers_of(model)[i]
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+
+
+def test_redundancy_order_skips_the_layers_that_change_the_stream_least(out_dir):
+    model = tiny_llava()
+    _identity_layers(model, (0, 1))  # the two shallowest layers do nothing: depth order would protect them most
+    args = training_args(out_dir, max_steps=8, learning_rate=0.0, lds_alpha=0.4, lds_epsilon=0.5,
+                         lds_schedule="constant", lds_layer_order="redundancy", lds_rerank_every=3)
+    trainer, logs = train(model, args)
+    records = trainer.sts_ledger.records
+    depth = [skip_probability(0, 8, l, 4, 0.4, 0.5, "constant") for l in range(4)]
+    assert records[0].skip_probabilities == pytest.approx(depth)  # depth order until the first ranking (step 3)
+    ranked = records[-1].skip_probabilities
+    assert sorted(ranked) == pytest.approx(sorted(depth))  # the same factors, so the same mean rate
+    assert min(ranked[0], ranked[1]) > max(ranked[2], ranked[3])  # the identity layers are skipped most
+    assert sum(ranked) == pytest.approx(sum(depth))
+    assert trainer.sts_plan.lds and "order=redundancy (every 3 steps)" in trainer.sts_plan.describe()
+
+
+def test_redundancy_measures_training_forwards_only_and_pickles_without_its_meter():
+    model = tiny_llava()
+    skipper = LayerSkipper(alpha=0.0, order="redundancy", rerank_every=1)
+    skipper.install(model)
+    ids = torch.randint(1, 100, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert [m.count for m in skipper._meters] == [0, 0, 0, 0]
+    model.train()
+    with skipper.micro_batch(0, 0, 10):
+        model(input_ids=ids)
+    assert [m.count for m in skipper._meters] == [1, 1, 1, 1]
+    similarity = [total / count for total, count in skipper.measured()]
+    assert all(-1.0 <= s <= 1.0 for s in similarity)
+    copied = copy.deepcopy(model)
+    assert all("_sts_meter" not in layer.__dict__ for layer in layers_of(copied))
+    with skipper.micro_batch(1, 0, 10):  # the ranking at step 1 comes from step 0's forward
+        model(input_ids=ids)
+    assert skipper.similarity == pytest.approx(similarity) and skipper._ranked_at == 1
+    skipper.remove()
+    assert all("_sts_meter" not in layer.__dict__ for layer in layers_of(model))
+    with pytest.raises(ValueError, match="order="):
+        LayerSkipper(order="width")
+    with pytest.raises(ValueError, match="rerank_every"):
+        LayerSkipper(order="redundancy", rerank_every=0)
+
+
+def test_redundancy_ranking_state_resumes_as_one_measurement():
+    skipper = LayerSkipper(order="redundancy")
+    skipper.install(tiny_llava())
+    skipper.load_state({"measured": [[1.8, 2], [0.5, 1], [0.0, 0], [2.7, 3]], "ranks": [1, 0, 2, 3],
+                        "similarity": [0.9, 0.5, None, 0.9], "ranked_at": 25})
+    assert skipper.ranks == [1, 0, 2, 3] and skipper._ranked_at == 25
+    skipper._meters[2].sum, skipper._meters[2].count = torch.tensor(0.25), 1  # measured after the resume
+    assert skipper.measured() == [(1.8, 2), (0.5, 1), (0.25, 1), (2.7, 3)]
+    with pytest.raises(ValueError, match="3 layers, the model 4"):
+        skipper.load_state({"measured": [[0.0, 0]] * 3, "ranks": None, "similarity": None, "ranked_at": None})
+    assert LayerSkipper().state() is None  # depth order keeps no state
+
+
+def test_redundancy_order_repeats_after_a_resume_and_agrees_between_ranks(tmp_path):
+    redundancy = ["--lds_layer_order", "redundancy", "--lds_rerank_every", "2", "--lds_alpha", "0.5"]
+    common = ["--max_steps", "6", "--save_steps", "3", *redundancy]
+    assert run_script(tmp_path / "full", *common).returncode == 0
+    assert run_script(tmp_path / "resumed", *common, "--exit_at_step", "3").returncode == 3
+    resumed = run_script(tmp_path / "resumed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = json.loads((tmp_path / "full" / "lds_rank0.json").read_text())
+    again = json.loads((tmp_path / "resumed" / "lds_rank0.json").read_text())
+    assert full["ranked_at"] == again["ranked_at"] == 4 and full["ranks"] == again["ranks"]
+    assert again["similarity"] == pytest.approx(full["similarity"], abs=1e-6)
+    assert read_records(tmp_path / "resumed" / "layers_rank0.jsonl") == read_records(
+        tmp_path / "full" / "layers_rank0.jsonl")
+
+    launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                "--master_port", "29615"]
+    result = run_script(tmp_path / "ddp", "--max_steps", "6", *redundancy, launcher=launcher)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    rank0, rank1 = (json.loads((tmp_path / "ddp" / f"lds_rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["local"] != rank1["local"]  # each rank measured its own batches
+    for layer, (whole, a, b) in enumerate(zip(rank0["whole"], rank0["local"], rank1["local"])):
+        assert whole == pytest.approx([a[0] + b[0], a[1] + b[1]])  # the ranking reads every rank's measurements
+    assert rank0["ranks"] == rank1["ranks"] and rank0["similarity"] == rank1["similarity"]
+    assert read_records(tmp_path / "ddp" / "layers_rank0.jsonl") == read_records(tmp_path / "ddp" /
+                                                                                   "layers_rank1.jsonl")

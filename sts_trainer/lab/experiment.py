@@ -19,6 +19,8 @@ questions greedily (`sts_trainer.llava.evaluate`), scored by exact match per cat
     STS                  VTC uniform 0.5            LDS            (every STS option at its default)
     STS with pool        VTC pool 0.5               LDS
     LDS lr_mass          dense                      LDS whose decay follows the learning rate's mass (lds_progress)
+    LDS redundancy       dense                      LDS skipping the layers that change the stream least most
+                                                    (lds_layer_order='redundancy'; STS redundancy: after VTC)
     VTC uniform 0.5 original positions     (stage 1 at the full sequence's position ids, whatever --vtc_position_ids)
     dense at STS's FLOPs dense, fewer steps          dense, fewer steps (equal compute: STS's FLOPs per stage)
     no alignment         skipped                    dense          (a control: what stage 1 is worth here)
@@ -68,7 +70,7 @@ from ..llava.evaluate import evaluate_model, read_questions
 from ..llava.metrics.vqa_accuracy import normalize_answer
 from ..llava.train import ModelArguments, run
 from .demo import RECIPES
-from .foundation import DEFAULT_CACHE, QUICK_RECIPE, SHIPPED_RECIPES, build_foundation
+from .foundation import DEFAULT_CACHE, EXPERIMENT_RECIPES, QUICK_RECIPE, build_foundation
 from .synthetic import CATEGORIES, write_dataset
 
 logger = logging.getLogger("sts_trainer")
@@ -94,6 +96,7 @@ STAGE2 = {
     "LDS": {},
     "LDS zero-filled": {},  # LDS as DeepSpeed ZeRO trained it before the optimizer guard (`zero_filled_skipped_layers`)
     "LDS lr_mass": {"lds_progress": "lr_mass"},  # the decay follows the learning rate's mass, not the steps
+    "LDS redundancy": {"lds_layer_order": "redundancy"},  # the depth factors in the order of measured redundancy
     "VTC-I diverse 0.1": _vtc_i("diverse", 0.1),
     "VTC-I diverse 0.1 + full 0.1": _vtc_i("diverse", 0.1, 0.1),
     "VTC-I uniform 0.1 + full 0.1": _vtc_i("uniform", 0.1, 0.1),
@@ -129,6 +132,8 @@ VARIANTS = (
     Variant("STS with pool (VTC pool 0.5 + LDS)", "VTC pool 0.5", "LDS"),
     Variant("LDS lr_mass", "dense", "LDS lr_mass"),
     Variant("STS lr_mass (VTC uniform 0.5 + LDS lr_mass)", "VTC uniform 0.5", "LDS lr_mass"),
+    Variant("LDS redundancy", "dense", "LDS redundancy"),
+    Variant("STS redundancy (VTC uniform 0.5 + LDS redundancy)", "VTC uniform 0.5", "LDS redundancy"),
     *(Variant(f"{name} (after VTC uniform 0.5)", "VTC uniform 0.5", name) for name in STAGE2 if name.startswith("VTC-I")),
     Variant("dense at STS's FLOPs", "dense", "dense", budget_of="STS (VTC uniform 0.5 + LDS)"),
     Variant("no alignment (control)", "skipped", "dense"),
@@ -168,9 +173,11 @@ class ExperimentArguments:
     bootstrap: int = field(default=2000, metadata={"help": "Bootstrap resamples for the retention intervals."})
     foundation: str = field(
         default="default",
-        metadata={"help": "A regime axis: the toy foundation pair (foundation.SHIPPED_RECIPES): 'default', a 4-layer "
-                          "128-wide language model; 'deep', 12 layers 72 wide at about the same FLOPs per token.",
-                  "choices": ["default", "deep"]},
+        metadata={"help": "A regime axis: the toy foundation pair (foundation.EXPERIMENT_RECIPES): 'default', a "
+                          "4-layer 128-wide language model; 'deep', 12 layers 72 wide at about the same FLOPs per "
+                          "token; 'deep_no_layout', the deep one pretrained on patch words of varying number and "
+                          "order (no fixed image layout; built on first use, about 17 min, then cached).",
+                  "choices": [name for name in EXPERIMENT_RECIPES if name != "quick"]},
     )
     length: float = field(
         default=1.0,
@@ -194,8 +201,9 @@ class ExperimentArguments:
             raise ValueError("train_samples, test_samples, alignment_steps, instruction_steps, batch_size and "
                              "bootstrap must be positive.")
 
-        if self.foundation not in ("default", "deep"):
-            raise ValueError(f"foundation={self.foundation!r} is not valid; choose default or deep.")
+        if self.foundation not in EXPERIMENT_RECIPES or self.foundation == "quick":
+            raise ValueError(f"foundation={self.foundation!r} is not valid; choose one of "
+                             f"{[name for name in EXPERIMENT_RECIPES if name != 'quick']} (--quick for the quick pair).")
         if self.length <= 0:
             raise ValueError(f"length must be positive, got {self.length}.")
         if self.vtc_position_ids not in ("compact", "original"):
@@ -215,8 +223,9 @@ class ExperimentArguments:
         return max(1, round(getattr(self, name) * self.length))
 
     def regime(self, lm_layers: int) -> str:
-        return f"{self.length:g}x, {lm_layers} layers" + (", original positions" if self.vtc_position_ids ==
-                                                            "original" else "")
+        return (f"{self.length:g}x, {lm_layers} layers"
+                + (", no fixed layout" if EXPERIMENT_RECIPES[self.foundation].scene_text == "patch_words_varied" else "")
+                + (", original positions" if self.vtc_position_ids == "original" else ""))
 
     def defining(self) -> dict:
         """The arguments a run's result depends on: a folder's runs are only reused under the same ones."""
@@ -711,7 +720,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
-    recipe = QUICK_RECIPE if exp.quick else SHIPPED_RECIPES[exp.foundation]
+    recipe = QUICK_RECIPE if exp.quick else EXPERIMENT_RECIPES[exp.foundation]
     foundation = build_foundation(recipe, exp.foundation_cache) | asdict(recipe) | {
         "visual_tokens": recipe.visual_tokens}
     print(f"Foundation models (recipe {recipe.key()}): {os.path.dirname(foundation['report'])}", flush=True)

@@ -17,7 +17,7 @@ import json
 import os
 
 from .experiment import SUMMARY_NAMES
-from .foundation import SHIPPED_RECIPES
+from .foundation import EXPERIMENT_RECIPES
 
 
 def load_results(folder: str) -> dict:
@@ -32,7 +32,7 @@ def load_results(folder: str) -> dict:
     if "regime" not in results:
         arguments = results["arguments"]
         name = "quick" if arguments.get("quick") else arguments.get("foundation", "default")
-        layers = SHIPPED_RECIPES[name].lm_layers
+        layers = EXPERIMENT_RECIPES[name].lm_layers
         results["regime"] = f"{arguments.get('length', 1.0):g}x, {layers} layers" + (
             ", original positions" if arguments.get("vtc_position_ids") == "original" else "")
     return results

@@ -40,7 +40,7 @@ from ..llava.evaluate import read_questions
 from ..llava.train import ModelArguments, run
 from .experiment import (STAGE2, SUMMARY_NAMES, VARIANTS, ExperimentArguments, _done, _training_args, evaluate_run,
                          stage1_folder, stage2_folder)
-from .foundation import QUICK_RECIPE, SHIPPED_RECIPES, build_foundation
+from .foundation import QUICK_RECIPE, EXPERIMENT_RECIPES, build_foundation
 from .synthetic import write_dataset
 
 DEFAULT_VARIANTS = ("baseline", "STS (VTC uniform 0.5 + LDS)",
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     exp = ExperimentArguments(output_dir=args.results, **{**defining, "variants": None})
     torch.set_num_threads(min(2, torch.get_num_threads()))
     hf_logging.set_verbosity_error()
-    recipe = QUICK_RECIPE if exp.quick else SHIPPED_RECIPES[exp.foundation]
+    recipe = QUICK_RECIPE if exp.quick else EXPERIMENT_RECIPES[exp.foundation]
     build_foundation(recipe, exp.foundation_cache)  # the pair the stage-1 runs were composed from, found in the cache
     test = write_dataset(os.path.join(exp.output_dir, "test"), exp.test_samples, "test", 0, "instruction",
                          recipe.image_size)

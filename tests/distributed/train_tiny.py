@@ -106,6 +106,8 @@ def main():
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--lds_alpha", type=float, default=0.5)
     parser.add_argument("--lds_schedule", default="constant")
+    parser.add_argument("--lds_layer_order", default="depth")
+    parser.add_argument("--lds_rerank_every", type=int, default=25)
     parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--sts_vtc", default="auto")
     parser.add_argument("--vtc_keep_ratio", type=float, default=0.5)
@@ -170,6 +172,8 @@ def main():
         train_sampling_strategy="sequential" if cli.text_only_rank >= 0 else "random",
         lds_alpha=cli.lds_alpha,
         lds_schedule=cli.lds_schedule,
+        lds_layer_order=cli.lds_layer_order,
+        lds_rerank_every=cli.lds_rerank_every,
         sts_vtc=cli.sts_vtc,
         vtc_keep_ratio=cli.vtc_keep_ratio,
         vtc_full_token_fraction=cli.vtc_full_token_fraction,
@@ -222,6 +226,17 @@ def main():
     for i, layer in enumerate(language_model.layers):
         layer.register_forward_pre_hook(ran(i), with_kwargs=True)
 
+    if cli.lds_layer_order == "redundancy":  # what ranked the layers: this rank's own measurements, the ranking
+        class RedundancyState(TrainerCallback):
+            def on_train_end(self, *args, **kwargs):
+                skipper = trainer._components["lds"]
+                whole = skipper.measured()  # a collective: every rank's sums
+                with open(os.path.join(cli.out, f"lds_rank{rank}.json"), "w") as f:
+                    json.dump({"local": [m.totals() for m in skipper._meters], "whole": whole,
+                               "similarity": skipper.similarity,
+                               "ranks": skipper.ranks, "ranked_at": skipper._ranked_at}, f)
+
+        trainer.add_callback(RedundancyState())
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     trainer.save_model(os.path.join(cli.out, "final"))
     evaluated = trainer.evaluate() if cli.evaluate else {}
