@@ -685,6 +685,15 @@ def markdown(rows: list[dict], profile: dict, exp: ExperimentArguments, foundati
     return "\n".join(lines)
 
 
+def write_results(folder: str, name: str, data: dict, table: str) -> None:
+    """`<folder>/<name>.json` (the data) and `<folder>/<name>.md` (the table), and the table on the screen."""
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+
+
 def machine_description() -> str:
     cpu = platform.machine()
     try:
@@ -753,11 +762,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.perf_counter() - start, "rows": rows, "per_seed": per_seed, "references": references,
         "token_profile": profile, "runs": raw,
     }
-    with open(os.path.join(exp.output_dir, "accuracy.json"), "w") as f:
-        json.dump(output, f, indent=1)
-    with open(os.path.join(exp.output_dir, "accuracy.md"), "w") as f:
-        f.write(table + "\n")
-    print("\n" + table)
+    write_results(exp.output_dir, "accuracy", output, table)
     return output
 
 

@@ -39,7 +39,7 @@ from ..llava.data import DataArguments
 from ..llava.evaluate import read_questions
 from ..llava.train import ModelArguments, run
 from .experiment import (STAGE2, SUMMARY_NAMES, VARIANTS, ExperimentArguments, _done, _training_args, evaluate_run,
-                         stage1_folder, stage2_folder)
+                         stage1_folder, stage2_folder, write_results)
 from .foundation import QUICK_RECIPE, EXPERIMENT_RECIPES, build_foundation
 from .synthetic import write_dataset
 
@@ -102,16 +102,21 @@ def _stage1_cost(root: str, stage1: dict, alignment_steps: int) -> tuple[float, 
                             "VTC variant (e.g. 'VTC uniform 0.5') too.")
 
 
+def _per_step(records: list[dict], key: str, steps: int) -> list[float]:
+    """A ledger's `key` ('dense_flops' or 'actual_flops') summed per optimizer step, over the step's micro-batches."""
+    per_step = [0.0] * steps
+    for r in records:
+        per_step[r["step"]] += r[key]
+    return per_step
+
+
 def _dense_per_step(root: str, steps: int) -> list[float]:
     """Dense training FLOPs of each stage-2 step of this seed, from a sparse stage-2 run's ledger (every run of a
     seed and stage trains on the same micro-batches)."""
     for path in sorted(glob.glob(os.path.join(root, "stage2", "*", "sts_savings.json"))):
         records = _done(path)["micro_batches"]
         if records and records[-1]["step"] == steps - 1 and records[0]["dense_flops"] is not None:
-            per_step = [0.0] * steps
-            for r in records:
-                per_step[r["step"]] += r["dense_flops"]
-            return per_step
+            return _per_step(records, "dense_flops", steps)
     raise FileNotFoundError(f"No sparse stage-2 run in {root}/stage2 counts its dense FLOPs: run the experiment with "
                             "an LDS variant (e.g. 'LDS') too.")
 
@@ -143,10 +148,7 @@ def curve_run(exp: ExperimentArguments, seed: int, name: str, checkpoints: int, 
                   _training_args(exp, "stage2", seed, folder, STAGE2[variant.stage2], save_steps=saves[0]),
                   callbacks=[clock])
     if summary["sts"]:
-        records = _done(os.path.join(folder, "sts_savings.json"))["micro_batches"]
-        per_step = [0.0] * steps
-        for r in records:
-            per_step[r["step"]] += r["actual_flops"]
+        per_step = _per_step(_done(os.path.join(folder, "sts_savings.json"))["micro_batches"], "actual_flops", steps)
     else:
         per_step = _dense_per_step(root, steps)
     points = []
@@ -324,12 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     plot(summary, os.path.join(out, "time_to_accuracy.png"), regime, shorter)
     table = markdown(summary, regime)
-    with open(os.path.join(args.results, "time_to_accuracy.json"), "w") as f:
-        json.dump({"regime": regime, "checkpoints": args.checkpoints, "summary": summary,
-                   "shorter_dense": shorter}, f, indent=1)
-    with open(os.path.join(args.results, "time_to_accuracy.md"), "w") as f:
-        f.write(table + "\n")
-    print("\n" + table)
+    write_results(args.results, "time_to_accuracy", {"regime": regime, "checkpoints": args.checkpoints,
+                                                     "summary": summary, "shorter_dense": shorter}, table)
     return summary
 
 
