@@ -122,6 +122,19 @@ class STSTrainingArguments(TrainingArguments):
             "choices": list(VTC_POSITION_IDS),
         },
     )
+    vtc_mode_isolator: int = field(
+        default=0,
+        metadata={
+            "help": "Beyond the paper (DualSpeed's mode isolator): how many learned soft tokens, >= 0 (0: off; "
+            "DualSpeed uses 4), open each image's kept tokens in every compressed training forward, so the language "
+            "model can tell a compressed sequence from the full ones it sees at inference. Evaluation, generation "
+            "and full-token steps never see them. They train with the projector (at --projector_lr under the LLaVA "
+            "command line) and are saved beside the model's weights, in sts_mode_isolator.safetensors, never in "
+            "them: plain transformers loads the checkpoint without them. A later run with the option (resuming, "
+            "or the next stage) starts from that file in the checkpoint or the model's folder. Needs "
+            "vtc_position_ids='compact' (so not M-RoPE models such as Qwen2-VL)."
+        },
+    )
     lds_alpha: float = field(
         default=0.5,
         metadata={
@@ -270,6 +283,14 @@ class STSTrainingArguments(TrainingArguments):
             )
         if self.vtc_distill_weight < 0.0:
             raise ValueError(f"vtc_distill_weight={self.vtc_distill_weight} is out of range; it must be >= 0.")
+        isolator = self.vtc_mode_isolator
+        if isinstance(isolator, bool) or not isinstance(isolator, int) or isolator < 0:
+            raise ValueError(f"vtc_mode_isolator={isolator!r} is not valid; it must be an integer >= 0 (0: off).")
+        if isolator and self.vtc_position_ids != "compact":
+            raise ValueError(
+                f"vtc_mode_isolator={isolator} needs vtc_position_ids='compact' (got {self.vtc_position_ids!r}): its "
+                "soft tokens take dropped tokens' places, which 'original' positions would give them too."
+            )
         if self.lds_rerank_every < 1:
             raise ValueError(f"lds_rerank_every={self.lds_rerank_every} is out of range; it must be >= 1.")
         for name in ("lds_alpha", "lds_epsilon"):

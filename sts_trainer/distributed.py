@@ -120,7 +120,8 @@ class BlankImage:
             return None
         self._pending = True
         if self.compressor is not None and self.compressor.compresses_now():
-            self._features = self._blank_features(kwargs)  # where VTC runs an image batch's vision path
+            # where VTC runs an image batch's vision path, and its mode isolator, which ZeRO-3 gathers there too
+            self._features = self._blank_features(kwargs, isolator=True)
         return None
 
     def _before_language_model(self, module, args, kwargs):
@@ -138,7 +139,7 @@ class BlankImage:
     def _after_model(self, module, args, output):
         self._pending, self._features = False, None
 
-    def _blank_features(self, kwargs) -> list[torch.Tensor]:
+    def _blank_features(self, kwargs, isolator: bool = False) -> list[torch.Tensor]:
         reference = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         device = reference.device if reference is not None else None
         dtype = next(self.parts.projector.parameters()).dtype
@@ -150,6 +151,8 @@ class BlankImage:
         self.blank_backwards += int(torch.is_grad_enabled())
         features = image_features(self.parts.model, self.parts.facts, inputs)
         self.visual_tokens = sum(len(f) for f in features)
+        if isolator and self.compressor.isolator is not None:
+            features = [*features, self.compressor.isolator()]
         return features
 
     def _with_blank(self, embeds: torch.Tensor, kwargs) -> torch.Tensor:

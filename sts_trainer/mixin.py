@@ -42,7 +42,10 @@ from .flops import UncountableModelError, dynamic_resolution, micro_batch_flops,
 from .layer_skip import LayerSkipper, SkipRecord, lr_mass_progress, scheduler_learning_rates
 from .savings import STATE_FILE, MicroBatchRecord, SavingsLedger
 from .stage import SparsityPlan, asks_for_sparsity, find_named_parts, lds_incompatible, plan_sparsity
-from .token_compression import IGNORE_INDEX, CompressionRecord, TokenCompressor, template_token_ids
+from .token_compression import (
+    IGNORE_INDEX, ISOLATOR_ATTRIBUTE, ISOLATOR_FILE, CompressionRecord, TokenCompressor, find_isolator, load_isolator,
+    save_isolator, template_token_ids,
+)
 
 logger = logging.getLogger("sts_trainer")
 
@@ -75,7 +78,11 @@ class STSMixin:
                     raise
                 plan = None
             if plan is not None and plan.lds:
-                _allow_skipped_layers_in_ddp(args)
+                _allow_unused_parameters_in_ddp(args, "LDS is on", "skipped layers have no gradient")
+            if plan is not None and plan.vtc and plan.args.vtc_mode_isolator:
+                _allow_unused_parameters_in_ddp(
+                    args, "the mode isolator is on", "a forward that is not compressed leaves it without a gradient"
+                )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if self.args.should_log and not logger.handlers:
             logger.addHandler(logging.StreamHandler())
@@ -148,7 +155,8 @@ class STSMixin:
                 plan.parts.image_token_id, args.vtc_keep_ratio, args.vtc_strategy, args.vtc_position_ids, args.seed,
                 facts=plan.parts.facts, query_ignore_ids=ignore, keep_schedule=args.vtc_keep_schedule,
                 keep_ratio_end=args.vtc_keep_ratio_end, schedule_fraction=args.vtc_keep_schedule_fraction,
-                full_token_fraction=args.vtc_full_token_fraction,
+                full_token_fraction=args.vtc_full_token_fraction, mode_isolator=args.vtc_mode_isolator,
+                isolator_start=self._isolator_start(resume_from_checkpoint, plan.parts.model, args.vtc_mode_isolator),
             )
             self._sts_distill_weight = args.vtc_distill_weight
             if args.vtc_distill_weight and not args.vtc_full_token_fraction:
@@ -183,6 +191,18 @@ class STSMixin:
         if plan.note:
             logger.warning(f"STS: {plan.note}")
         (logger.warning if plan.not_sparsified else logger.info)(plan.describe())
+
+    @staticmethod
+    def _isolator_start(resume_from_checkpoint: str | None, model, size: int) -> torch.Tensor | None:
+        """The mode isolator's saved tokens this run starts from: the checkpoint's when resuming, else those saved
+        with the model (the previous stage's output folder); None for a new one, or without the isolator."""
+        if not size:
+            return None
+        folder = resume_from_checkpoint or getattr(getattr(model, "config", None), "_name_or_path", None)
+        tokens = load_isolator(folder) if folder and os.path.isdir(folder) else None
+        if tokens is not None:
+            logger.info(f"STS: the mode isolator starts from {os.path.join(folder, ISOLATOR_FILE)}.")
+        return tokens
 
     def _lds_cannot_run(self) -> str | None:
         """Why LDS cannot run on this trainer's backend, or None. A skip must be a skip that happens, and a layer
@@ -489,6 +509,26 @@ class STSMixin:
         with open(os.path.join(folder, STATE_FILE), "w") as f:
             json.dump({"options": self.args.sts_options(), "ledger": ledger, "lds": lds_state}, f)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save; the mode isolator (`vtc_mode_isolator`), when the model has one, goes in its own file
+        beside the weights (`ISOLATOR_FILE`), never in them."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tokens = None
+        if state_dict is not None:  # a gathered state dict (ZeRO-3, FSDP): the isolator's tokens are in it
+            keys = [key for key in state_dict if f"{ISOLATOR_ATTRIBUTE}." in key]
+            tokens = state_dict[keys[0]] if keys else None
+            state_dict = {key: value for key, value in state_dict.items() if key not in keys}
+        if tokens is None and (isolator := find_isolator(self.model)) is not None:
+            tokens = isolator.tokens
+        super()._save(output_dir, state_dict)
+        if tokens is not None and self.args.should_save:
+            if tokens.numel() == 0:  # partitioned under ZeRO-3 without a gathered state dict
+                logger.warning(
+                    f"STS: the mode isolator is partitioned and was not gathered; it is not saved in {output_dir}."
+                )
+            else:
+                save_isolator(tokens, output_dir)
+
     def _resume_ledger(self, checkpoint: str) -> None:
         """Continue the ledger of the run being resumed, and warn by name about each STS option that changed."""
         path = os.path.join(checkpoint, STATE_FILE)
@@ -547,7 +587,7 @@ class STSMixin:
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         with torch.no_grad():
             missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [key for key in missing if key not in tied]
+        missing = [key for key in missing if key not in tied and not key.startswith(f"{ISOLATOR_ATTRIBUTE}.")]
         if missing or unexpected:
             raise RuntimeError(
                 f"The checkpoint {checkpoint} does not match the model {type(model).__name__}: missing "
@@ -561,9 +601,11 @@ _NOTHING_TRAINS = {"train_vision": False, "train_projector": False, "train_llm":
 
 
 def _trainable_parts(parts) -> dict:
-    """What trains, for the FLOPs count: projector, language model (its own weights), adapters in its decoder layers
-    (LoRA: the base weights beside them stay frozen), and anything else (the vision side)."""
+    """What trains, for the FLOPs count: projector (and the mode isolator), language model (its own weights), adapters
+    in its decoder layers (LoRA: the base weights beside them stay frozen), and anything else (the vision side)."""
     projector = {id(p) for p in parts.projector.parameters()} if parts.projector is not None else set()
+    if (isolator := find_isolator(parts.model)) is not None:  # the mode isolator trains with the projector
+        projector |= {id(p) for p in isolator.parameters()}
     language_model = {id(p) for p in parts.language_model_parameters()}
     trains = {"train_vision": False, "train_projector": False, "train_llm": False}
     for name, p in parts.model.named_parameters():
@@ -602,12 +644,13 @@ def _renamed_safetensors(checkpoint: str, model: PreTrainedModel) -> dict[str, t
     return state
 
 
-def _allow_skipped_layers_in_ddp(args: STSTrainingArguments) -> None:
-    """Skipped layers leave parameters without gradients: DDP must look for them, with non-reentrant checkpointing."""
+def _allow_unused_parameters_in_ddp(args: STSTrainingArguments, on: str, why: str) -> None:
+    """Skipped layers, or a mode isolator in a forward that is not compressed, leave parameters without gradients:
+    DDP must look for them, with non-reentrant checkpointing."""
     if args.ddp_find_unused_parameters is not True:
         args.ddp_find_unused_parameters = True
-        logger.info("STS: LDS is on, so ddp_find_unused_parameters=True (skipped layers have no gradient).")
+        logger.info(f"STS: {on}, so ddp_find_unused_parameters=True ({why}).")
     ckpt_kwargs = args.activation_checkpointing_kwargs or {}
     if args.activation_checkpointing and ckpt_kwargs.get("use_reentrant", False):
         args.activation_checkpointing_kwargs = {**ckpt_kwargs, "use_reentrant": False}
-        logger.info("STS: LDS is on, so activation checkpointing is non-reentrant (needed with skipped layers in DDP).")
+        logger.info(f"STS: {on}, so activation checkpointing is non-reentrant (needed with unused parameters in DDP).")

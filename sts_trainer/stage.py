@@ -43,6 +43,8 @@ class SparsityPlan:
                 keep += f", full-token steps {args.vtc_full_token_fraction:g}"
                 if args.vtc_distill_weight:
                     keep += f" with self-distillation {args.vtc_distill_weight:g}"
+            if args.vtc_mode_isolator:
+                keep += f", mode isolator {args.vtc_mode_isolator} tokens"
             parts.append(f"VTC on ({keep}, strategy={args.vtc_strategy}, position_ids={positions})")
         else:
             parts.append("VTC off")

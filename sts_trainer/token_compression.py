@@ -20,6 +20,7 @@ data in `architectures.ARCHITECTURES`, each image's token grid included; `TokenC
 
 import contextlib
 import math
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -27,6 +28,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 from jinja2 import TemplateError
+from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -494,6 +497,7 @@ def compress_batch(
     first_position: int = 0,
     grids: list[tuple[int, int] | None] | None = None,
     query_ignore_ids: Collection[int] = (),
+    isolator: torch.Tensor | None = None,
 ) -> tuple[dict, CompressionStats]:
     """Drop visual tokens from a batch; return the new model inputs and what was kept.
 
@@ -512,6 +516,9 @@ def compress_batch(
     `pool` keeps the tokens `uniform` keeps, each carrying the mean feature of its block of neighbours on the grid
     (`pool_groups`): every token of the image still reaches the language model, merged; keep_always tokens as they are.
     `first_position` is the position of a sequence's first token, for 'original' positions built here.
+    `isolator` (s, D), the mode isolator's soft tokens (`ModeIsolator`): each compressed image's block starts with
+    them, then its kept tokens; they take s of the image's dropped placeholders (with 'compact' positions a
+    placeholder's identity does not matter), so an image must drop at least s tokens.
     Right or left padding is kept as it was; rows that end up shorter than the longest are padded on the same side.
 
     A packed batch (no attention mask, position ids restarting inside a row) stays packed: 'compact' positions are
@@ -547,6 +554,12 @@ def compress_batch(
             "vtc_position_ids='compact' for packed batches, or pad them and pass an attention_mask. (M-RoPE models "
             "such as Qwen2-VL always keep the original positions: give their packed positions in transformers' "
             "(4, B, L) form, the text positions first.)"
+        )
+    if isolator is not None and position_mode == "original":
+        raise ValueError(
+            "The mode isolator (vtc_mode_isolator) needs vtc_position_ids='compact': its soft tokens take dropped "
+            "tokens' places, and with 'original' positions they would carry those tokens' positions. (M-RoPE models "
+            "such as Qwen2-VL always keep the original positions, so they cannot use it.)"
         )
     sequence = starts.cumsum(1) - 1 if starts is not None else torch.zeros_like(input_ids)  # (B, L) index in its row
 
@@ -595,12 +608,25 @@ def compress_batch(
             dropped = ~fixed  # (n,)
             dropped[selectable[chosen]] = False
             kept = (~dropped).nonzero().squeeze(1)  # (k + n_fixed,) ascending
-            keep[sample, positions[offset : offset + n][dropped.to(device)]] = False
+            slots = dropped.clone()  # the placeholders that leave the sequence
+            if isolator is not None:
+                if int(dropped.sum()) < len(isolator):
+                    raise ValueError(
+                        f"Sample {sample} of the batch has an image of {n} visual tokens of which VTC drops "
+                        f"{int(dropped.sum())}, fewer than the mode isolator's {len(isolator)} tokens "
+                        f"(vtc_mode_isolator={len(isolator)}), which take dropped tokens' places. Lower "
+                        "vtc_mode_isolator or vtc_keep_ratio."
+                    )
+                slots[dropped.nonzero().squeeze(1)[: len(isolator)]] = False
+            keep[sample, positions[offset : offset + n][slots.to(device)]] = False
             if strategy == "pool" and k < m:  # each kept token carries the mean of its block of neighbours
                 chosen_at = selectable[chosen].to(features.device)
                 pooled = pool_features(features[selectable.to(features.device)], k, grids[image])
                 features = features.index_copy(0, chosen_at, pooled)
-            kept_features.append(features[kept.to(features.device)])
+            features = features[kept.to(features.device)]  # (k + n_fixed, D)
+            if isolator is not None:
+                features = torch.cat([isolator.to(features.device, features.dtype), features])  # (s + k + n_fixed, D)
+            kept_features.append(features)
             offset += n
 
     if labels is not None and (labels[~keep] != IGNORE_INDEX).any():
@@ -655,14 +681,81 @@ def compress_batch(
     out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}
 
     real_before = attention_mask.sum() if attention_mask is not None else batch * length
+    isolating = len(isolator) * len(kept_features) if isolator is not None else 0  # soft tokens, not visual ones
     stats = CompressionStats(
-        kept_tokens=sum(f.shape[0] for f in kept_features),
+        kept_tokens=sum(f.shape[0] for f in kept_features) - isolating,
         visual_tokens=sum(sizes),
         length_before=float(real_before) / batch,
         length_after=float(real_before - (~keep).sum()) / batch,
         llm_length=new_length,
     )
     return out, stats
+
+
+# Where the mode isolator lives on the model while it trains, and the file it is saved in beside the model's weights.
+ISOLATOR_ATTRIBUTE = "sts_mode_isolator"
+ISOLATOR_FILE = "sts_mode_isolator.safetensors"
+
+
+class ModeIsolator(nn.Module):
+    """DualSpeed's mode isolator: `size` learned soft tokens (size, D) that open each compressed image's block in
+    training forwards (`compress_batch`'s `isolator`), telling the language model that this sequence is compressed.
+    Attached to the model as `ISOLATOR_ATTRIBUTE` for training, so every backend (DDP, ZeRO, FSDP) and the optimizer
+    treat it as one of the model's parameters; kept out of the model's saved weights (`_keys_to_ignore_on_save`) and
+    saved in `ISOLATOR_FILE` instead (`save_isolator`). Its forward returns the tokens: called as a module, so that
+    ZeRO-3 gathers them. Initialised from N(0, std), std the text config's `initializer_range`, seeded."""
+
+    def __init__(self, size: int, hidden_size: int, std: float, seed: int, dtype=None, device=None):
+        super().__init__()
+        tokens = torch.randn(size, hidden_size, generator=torch.Generator().manual_seed(seed)) * std
+        self.tokens = nn.Parameter(tokens.to(device=device, dtype=dtype))  # (size, D)
+
+    def forward(self) -> torch.Tensor:
+        return self.tokens
+
+
+def attach_isolator(model, size: int, seed: int, start: torch.Tensor | None = None) -> ModeIsolator:
+    """The model's mode isolator, attached if it has none (from `start`, (size, D), when given): the same module for
+    every later run on this model. Its key is left out of the model's saved weights."""
+    isolator = getattr(model, ISOLATOR_ATTRIBUTE, None)
+    if isolator is None:
+        weight = model.get_input_embeddings().weight
+        hidden_size = tuple(getattr(weight, "ds_shape", weight.shape))[-1]  # ZeRO-3 keeps the full shape apart
+        config = getattr(model, "config", None)
+        std = getattr(config.get_text_config(), "initializer_range", 0.02) if config is not None else 0.02
+        isolator = ModeIsolator(size, hidden_size, std, seed, dtype=weight.dtype, device=weight.device)
+        model.add_module(ISOLATOR_ATTRIBUTE, isolator)
+        # a PreTrainedModel's own set (from post_init); a custom model gets one
+        model._keys_to_ignore_on_save = {*(getattr(model, "_keys_to_ignore_on_save", None) or ()),
+                                         f"{ISOLATOR_ATTRIBUTE}.tokens"}
+    shape = tuple(getattr(isolator.tokens, "ds_shape", isolator.tokens.shape))
+    if shape[0] != size:
+        raise ValueError(f"The model already has a mode isolator of {shape[0]} tokens, and vtc_mode_isolator={size}.")
+    if start is not None:
+        if tuple(start.shape) != shape:
+            raise ValueError(
+                f"The saved mode isolator has shape {tuple(start.shape)}, and this run's is {shape} "
+                f"(vtc_mode_isolator={size}, the language model's hidden size). Give the same vtc_mode_isolator, or "
+                f"remove {ISOLATOR_FILE} to start a new one."
+            )
+        with torch.no_grad():
+            isolator.tokens.copy_(start)
+    return isolator
+
+
+def find_isolator(model) -> ModeIsolator | None:
+    """The mode isolator attached anywhere in `model` (a transformers model, or a PEFT or engine wrapper around it)."""
+    return next((module for module in model.modules() if isinstance(module, ModeIsolator)), None)
+
+
+def save_isolator(tokens: torch.Tensor, folder: str) -> None:
+    save_file({"tokens": tokens.detach().to("cpu").contiguous()}, os.path.join(folder, ISOLATOR_FILE))
+
+
+def load_isolator(folder: str | None) -> torch.Tensor | None:
+    """The mode isolator's tokens saved in `folder`, or None where it holds none."""
+    path = os.path.join(folder, ISOLATOR_FILE) if folder else None
+    return load_file(path)["tokens"] if path and os.path.isfile(path) else None
 
 
 class TokenCompressor:
@@ -680,6 +773,9 @@ class TokenCompressor:
     `query_ignore_ids`: token ids the `instruction` strategy leaves out of its query (the chat template's and the
     tokenizer's special tokens: `template_token_ids(processing_class)`), besides the image token and the config's
     bos, eos and pad ids, which are always left out.
+    `mode_isolator` > 0 attaches a `ModeIsolator` of that many tokens to the model at `install` (from
+    `isolator_start` when given), whose tokens open each image's kept tokens in compressed forwards; it stays on the
+    model after `remove` (so that the trainer can save it), unused outside compressed training forwards.
     """
 
     def __init__(
@@ -695,11 +791,15 @@ class TokenCompressor:
         keep_ratio_end: float = 1.0,
         schedule_fraction: float = 1.0,
         full_token_fraction: float = 0.0,
+        mode_isolator: int = 0,
+        isolator_start: torch.Tensor | None = None,
     ):
         self.image_token_id = image_token_id
         self.keep_ratio, self.strategy, self.position_mode, self.seed = keep_ratio, strategy, position_mode, seed
         self.keep_schedule, self.keep_ratio_end, self.schedule_fraction = keep_schedule, keep_ratio_end, schedule_fraction
         self.full_token_fraction = full_token_fraction
+        self.mode_isolator, self._isolator_start = mode_isolator, isolator_start
+        self.isolator: ModeIsolator | None = None
         self.facts = facts
         self.query_ignore_ids = {image_token_id, *(query_ignore_ids or ())}
         self.model = None
@@ -716,6 +816,14 @@ class TokenCompressor:
         if self.facts is None:
             self.facts = vtc_facts(model)
         self.query_ignore_ids |= _config_special_ids(getattr(model, "config", None))
+        if self.mode_isolator:
+            if self.facts.rope_index is not None:
+                raise ValueError(
+                    f"vtc_mode_isolator={self.mode_isolator}: {type(model).__name__} places its tokens with M-RoPE, "
+                    "which keeps every kept token's original position, and the isolator needs compact positions. "
+                    "Set vtc_mode_isolator=0 for this model."
+                )
+            self.isolator = attach_isolator(model, self.mode_isolator, self.seed, self._isolator_start)
         self._handle = model.register_forward_pre_hook(self._compress, with_kwargs=True)
 
     def remove(self) -> None:
@@ -812,6 +920,7 @@ class TokenCompressor:
             first_position=facts.first_position,
             grids=grids,
             query_ignore_ids=self.query_ignore_ids,
+            isolator=self.isolator() if self.isolator is not None else None,
         )
         kept = kwargs.pop("mm_encoder_outputs")["image"].pooler_output  # list of (k_i, D)
         if facts.route == "inputs_embeds":

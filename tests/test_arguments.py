@@ -44,6 +44,9 @@ def test_defaults(tmp_path):
         ("vtc_full_token_fraction", 1.0),
         ("vtc_full_token_fraction", -0.1),
         ("vtc_distill_weight", -1.0),
+        ("vtc_mode_isolator", -1),
+        ("vtc_mode_isolator", 1.5),
+        ("vtc_mode_isolator", True),
         ("sts_preset", "fastest"),
     ],
 )
@@ -84,3 +87,9 @@ def test_plain_training_arguments_are_upgraded_without_losing_values(tmp_path):
     assert args.sts_stage == "auto" and args.vtc_keep_ratio == 0.5
     assert not hasattr(plain, "sts_stage")  # the user's object is left alone
     assert args.to_dict()["lds_alpha"] == 0.5
+
+
+def test_the_mode_isolator_needs_compact_positions(tmp_path):
+    with pytest.raises(ValueError, match=r"^vtc_mode_isolator=4 needs vtc_position_ids='compact'"):
+        make(tmp_path, vtc_mode_isolator=4, vtc_position_ids="original")
+    assert make(tmp_path, vtc_mode_isolator=4).vtc_mode_isolator == 4

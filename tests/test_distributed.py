@@ -249,6 +249,23 @@ def test_zero3_with_a_text_only_rank_completes(tmp_path, stage, extra):
         assert any(len(r["layers"]) < 4 for r in ranks[0])
 
 
+def test_zero3_trains_the_mode_isolator_with_a_text_only_rank_and_saves_it_apart(tmp_path):
+    """The isolator is gathered on the rank whose batches have no image too (the blank image's compressed path calls
+    it), so ZeRO-3 completes; the saved weights hold the plain model's keys, the isolator its own file."""
+    from safetensors import safe_open
+
+    from sts_trainer.token_compression import load_isolator
+
+    result = launch("deepspeed", tmp_path, *ZERO3, "--stage", "alignment", "--vtc_mode_isolator", "2")
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    ranks = assert_one_rank_text_only(tmp_path, 3)
+    assert {r["visual"] for r in ranks[0]} == {2 * (8 + 2)}  # 2 images a batch: 8 of 16 tokens kept, 2 soft ones
+    tokens = load_isolator(str(tmp_path / "final"))
+    assert tokens.shape == (2, 64) and torch.isfinite(tokens).all() and tokens.abs().sum() > 0
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), framework="pt") as f:
+        assert not any("sts_mode_isolator" in key for key in f.keys())
+
+
 def test_zero3_with_the_blank_image_off_stops_with_an_error_naming_it(tmp_path):
     result = launch("deepspeed", tmp_path, *ZERO3, "--sts_blank_image", "off", timeout=200)
     assert result.returncode != 0

@@ -30,7 +30,7 @@ def test_quick_experiment_writes_every_variant(quick):
     out, _, result = quick
     names = [row["variant"] for row in result["rows"]]
     assert names == [v.name for v in experiment.VARIANTS]
-    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 32
+    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 33
     assert "VTC-I uniform 0.1 + full 0.1 + LDS (after VTC uniform 0.5)" in names
     assert {"STS with pool (VTC pool 0.5 + LDS)", "LDS lr_mass", "VTC uniform 0.5 original positions",
             "LDS redundancy", "STS redundancy (VTC uniform 0.5 + LDS redundancy)"} <= set(names)

@@ -1,6 +1,7 @@
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ from sts_trainer.token_compression import (
     uniform_indices,
 )
 
-from .helpers import ListDataset, Received, train, training_args
+from .helpers import ListDataset, Received, tiny_dataset, train, training_args
 
 TOKENS_PER_IMAGE = 16  # tiny_llava_config(): 32 px images, 8 px patches
 QWEN_START, QWEN_END = 125, 124  # vision start / end tokens of the tiny Qwen2-VL
@@ -914,3 +915,162 @@ def test_a_schedule_ending_at_one_trains_its_last_steps_like_vtc_off(out_dir, st
     assert trainer.sts_plan.vtc and [log["vtc_keep_ratio"] for log in sparse.logs if "loss" in log] == [1.0] * 4
     assert dense.losses == sparse.losses
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+# ---- beyond the paper: DualSpeed's mode isolator ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("strategy", ["uniform", "pool", "random"])
+def test_the_isolator_opens_each_images_kept_tokens(padding_side, strategy):
+    batch, _ = make_batch(padding_side=padding_side)
+    features = fake_features(batch)
+    isolator = torch.randn(3, 8)
+    plain, _ = compress_batch(dict(batch), features, IMAGE_TOKEN_ID, 0.25, strategy, "compact",
+                              generator=decision_generator(0, 0, 0, 1))
+    out, stats = compress_batch(dict(batch), features, IMAGE_TOKEN_ID, 0.25, strategy, "compact",
+                                generator=decision_generator(0, 0, 0, 1), isolator=isolator)
+    images = [1, 0, 2, 1]
+    k = num_kept(TOKENS_PER_IMAGE, 0.25)
+    assert stats.kept_tokens == k * sum(images)  # visual tokens only; the soft tokens are not the image's
+    assert stats.length_after == pytest.approx(plain_length(plain) + 3 * sum(images) / 4)
+    kept = out["mm_encoder_outputs"]["image"].pooler_output
+    without = plain["mm_encoder_outputs"]["image"].pooler_output
+    assert len(kept) == sum(images)
+    for image, (with_isolator, alone) in enumerate(zip(kept, without)):
+        assert torch.equal(with_isolator[:3], isolator) and torch.equal(with_isolator[3:], alone)
+    for row, n_images in enumerate(images):
+        new_real = out["attention_mask"][row].bool()
+        new_ids = out["input_ids"][row][new_real]
+        old_ids = plain["input_ids"][row][plain["attention_mask"][row].bool()]
+        assert int((new_ids == IMAGE_TOKEN_ID).sum()) == n_images * (k + 3)
+        assert torch.equal(new_ids[new_ids != IMAGE_TOKEN_ID], old_ids[old_ids != IMAGE_TOKEN_ID])
+        new_labels, old_labels = out["labels"][row], plain["labels"][row]
+        assert torch.equal(new_labels[new_labels != -100], old_labels[old_labels != -100])
+
+
+def plain_length(out) -> float:
+    return float(out["attention_mask"].sum()) / out["attention_mask"].shape[0]
+
+
+def test_the_isolator_needs_dropped_places_and_compact_positions():
+    batch, _ = make_batch(images_per_sample=(1, 1))
+    features = fake_features(batch)
+    with pytest.raises(ValueError, match=r"Sample 0 .* 16 visual tokens of which VTC drops 2, fewer than the mode "
+                                         r"isolator's 4"):
+        compress_batch(dict(batch), features, IMAGE_TOKEN_ID, 0.875, "uniform", "compact", isolator=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="needs vtc_position_ids='compact'"):
+        compress_batch(dict(batch), features, IMAGE_TOKEN_ID, 0.5, "uniform", "original", isolator=torch.zeros(4, 8))
+
+
+def test_the_language_model_reads_the_isolators_tokens_and_they_get_gradient():
+    """On a bare model: the language model's input holds the isolator's tokens right before each image's kept
+    features, and a backward reaches them; outside a micro-batch nothing of it is used."""
+    model = freeze_for_alignment(tiny_llava())
+    batch = collate(synthetic_samples(2, tiny_llava_config(), (1, 2), seed=3))
+    seen = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].detach().clone()), with_kwargs=True
+    )
+    compressor = TokenCompressor(IMAGE_TOKEN_ID, keep_ratio=0.25, mode_isolator=2)
+    compressor.install(model)
+    tokens = model.sts_mode_isolator.tokens
+    assert tokens.shape == (2, model.config.text_config.hidden_size) and tokens.requires_grad
+    with compressor.micro_batch(step=0) as record:
+        model(**batch).loss.backward()
+    model(**batch)  # outside: every token, no isolator
+    compressor.remove()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert record.kept_fraction == 0.25 and record.llm_length == seen[0].shape[1]
+    for row, n_images in enumerate((1, 2)):
+        ids, _ = compress_batch(dict(batch), fake_features(batch), IMAGE_TOKEN_ID, 0.25, "uniform", "compact",
+                                isolator=torch.zeros(2, 8))
+        slots = (ids["input_ids"][row] == IMAGE_TOKEN_ID).nonzero().squeeze(1)
+        assert len(slots) == n_images * (4 + 2)
+        for image in range(n_images):
+            opening = seen[0][row, slots[image * 6 : image * 6 + 2]]
+            assert torch.equal(opening, tokens.detach())
+    assert seen[1].shape[1] == batch["input_ids"].shape[1]  # the dense forward: full length
+    assert not any(torch.equal(seen[1][0, i], tokens[0].detach()) for i in range(seen[1].shape[1]))
+
+
+def test_the_isolator_is_refused_on_an_m_rope_model():
+    model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config())
+    with pytest.raises(ValueError, match="M-RoPE.*vtc_mode_isolator=0"):
+        TokenCompressor(IMAGE_TOKEN_ID, keep_ratio=0.5, mode_isolator=4).install(model)
+
+
+def test_the_trainer_trains_the_isolator_and_saves_it_beside_clean_weights(out_dir):
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    from sts_trainer.token_compression import ISOLATOR_FILE, ModeIsolator, load_isolator
+
+    config = tiny_llava_config()
+    samples = synthetic_samples(8, config, images_per_sample=(1, 0, 2, 1), seed=3)
+    model = freeze_for_alignment(tiny_llava())
+    probe = LengthProbe(model)
+    args = training_args(out_dir, max_steps=2, vtc_keep_ratio=0.25, vtc_mode_isolator=2, save_strategy="steps",
+                         save_steps=2, per_device_eval_batch_size=4)
+    trainer, recorder = train(model, args, ListDataset(samples))
+    # the language model read each image's 4 kept tokens and the 2 soft tokens; the ledger counted that length
+    images = [0 if "pixel_values" not in s else s["pixel_values"].shape[0] for s in samples]
+    expected = [length + 2 * n for length, n in zip(expected_row_lengths(samples, 0.25), images)]
+    assert sorted(sum((r["row_lengths"] for r in probe.records), [])) == sorted(expected)
+    logged = [log for log in recorder.logs if "loss" in log]
+    assert logged[0]["vtc_kept_fraction"] == pytest.approx(4 / 16)
+    # the isolator trains with the projector: the FLOPs count has the vision tower frozen, as without the isolator
+    assert trainer._sts_trains["train_vision"] is False and trainer._sts_trains["train_projector"] is True
+    start = ModeIsolator(2, config.text_config.hidden_size, config.text_config.initializer_range, seed=0).tokens
+    trained = model.sts_mode_isolator.tokens.detach()
+    assert not torch.equal(trained, start)  # it trained (the optimizer took it from the model)
+    # the checkpoint: the unpatched model's keys, and the isolator in its own file
+    checkpoint = os.path.join(out_dir, "checkpoint-2")
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    tiny_llava().save_pretrained(os.path.join(out_dir, "unpatched"))
+    with safe_open(os.path.join(out_dir, "unpatched", "model.safetensors"), framework="pt") as f:
+        assert saved == set(f.keys())
+    assert torch.equal(load_isolator(checkpoint), trained)
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(checkpoint, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not hasattr(loaded, "sts_mode_isolator")
+    trainer.save_model(os.path.join(out_dir, "final"))
+    assert torch.equal(load_isolator(os.path.join(out_dir, "final")), trained)
+    assert os.path.isfile(os.path.join(out_dir, "final", ISOLATOR_FILE))
+    # evaluation after training reads every token and no soft one
+    probe.records.clear()
+    trainer.evaluate(ListDataset(samples))
+    assert sorted(sum((r["row_lengths"] for r in probe.records), [])) == sorted(expected_row_lengths(samples, 1.0))
+
+
+def test_a_resumed_run_and_the_next_stage_start_from_the_saved_isolator(out_dir):
+    from sts_trainer import STSTrainer
+    from transformers import LlavaForConditionalGeneration
+
+    from sts_trainer.token_compression import load_isolator
+
+    dataset = ListDataset(synthetic_samples(16, tiny_llava_config(), (1, 2), seed=1))
+    options = dict(vtc_keep_ratio=0.25, vtc_mode_isolator=3, save_strategy="steps", save_steps=2)
+    whole, _ = train(freeze_for_alignment(tiny_llava()), training_args(out_dir, **options), dataset)  # saves at 2, 4
+    model = freeze_for_alignment(tiny_llava())
+    trainer = STSTrainer(model=model, args=training_args(out_dir, **options), train_dataset=dataset,
+                         data_collator=collate)
+    trainer.train(resume_from_checkpoint=os.path.join(out_dir, "checkpoint-2"))
+    torch.testing.assert_close(model.sts_mode_isolator.tokens, whole.model.sts_mode_isolator.tokens)
+    assert not torch.equal(load_isolator(os.path.join(out_dir, "checkpoint-2")), whole.model.sts_mode_isolator.tokens)
+    # the next run on the saved model (the next stage, or alignment continued) starts from the saved tokens
+    final = os.path.join(out_dir, "checkpoint-4")
+    model = freeze_for_alignment(LlavaForConditionalGeneration.from_pretrained(final))
+    train(model, training_args(out_dir + "-next", learning_rate=0.0, **options), dataset)
+    assert torch.equal(model.sts_mode_isolator.tokens.detach(), load_isolator(final))
+    # a different size is refused, naming the file
+    model = freeze_for_alignment(LlavaForConditionalGeneration.from_pretrained(final))
+    with pytest.raises(ValueError, match="vtc_mode_isolator=2.*sts_mode_isolator.safetensors"):
+        train(model, training_args(out_dir + "-other", **{**options, "vtc_mode_isolator": 2}), dataset)
+
+
+def test_without_the_option_no_isolator_is_attached(out_dir):
+    model = freeze_for_alignment(tiny_llava())
+    trainer, _ = train(model, training_args(out_dir, max_steps=1, vtc_keep_ratio=0.25), tiny_dataset(4))
+    assert trainer.sts_plan.vtc and not hasattr(model, "sts_mode_isolator")
+    assert not any("sts_mode_isolator" in name for name, _ in model.named_parameters())

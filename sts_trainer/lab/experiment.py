@@ -82,7 +82,9 @@ STAGE1 = {"dense": None} | {
     for strategy in ("uniform", "random", "instruction", "pool")
     for ratio in (0.5, 0.25)
 } | {"VTC uniform 0.5 original positions": {"vtc_strategy": "uniform", "vtc_keep_ratio": 0.5,
-                                           "vtc_position_ids": "original"}}
+                                           "vtc_position_ids": "original"},
+     # DualSpeed's mode isolator: 4 learned soft tokens open each image's kept tokens in alignment
+     "VTC uniform 0.5 isolator": {"vtc_strategy": "uniform", "vtc_keep_ratio": 0.5, "vtc_mode_isolator": 4}}
 # Stage-2 settings: dense, LDS with the paper's defaults (STSTrainingArguments' lds_* defaults), and the frontier
 # beyond the paper: VTC in instruction tuning ('VTC-I') at a strategy and keep ratio, with or without full-token
 # steps, LDS, self-distillation, a keep ratio rising to 1.0.

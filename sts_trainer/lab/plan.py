@@ -190,10 +190,11 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
     """Dense and expected STS FLOPs of a stage of `samples` samples in `steps` optimizer steps of `shape` (per
     sample), with `options` (`stage_options`).
 
-    Per step e: VTC keeps num_kept(n, keep_ratio_at(e)) tokens per image, except on full-token steps (an expected
-    fraction `vtc_full_token_fraction` of the steps), which keep all and, with self-distillation, add a forward
-    (no backward) of the pruned sequence; LDS runs sum_l (1 - p_l(e)) decoder layers. FLOPs are linear in the number
-    of executed layers, so pricing each kept count at the mean of its steps' executed layers is exact. With
+    Per step e: VTC keeps num_kept(n, keep_ratio_at(e)) tokens per image (plus `vtc_mode_isolator` soft tokens),
+    except on full-token steps (an expected fraction `vtc_full_token_fraction` of the steps), which keep all and,
+    with self-distillation, add a forward (no backward) of the pruned sequence; LDS runs sum_l (1 - p_l(e)) decoder
+    layers. FLOPs are linear in the number of executed layers, so pricing each kept count at the mean of its steps'
+    executed layers is exact. With
     lds_progress='lr_mass', the decay follows `lr_schedule` (the scheduler's name, its warm-up fraction)."""
     num_layers = config.get_text_config().num_hidden_layers
     visual = shape.visual_tokens_per_image
@@ -207,6 +208,8 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
         ratio = keep_ratio_at(e, steps, options["vtc_keep_ratio"], options["vtc_keep_ratio_end"],
                               options["vtc_keep_schedule"], options["vtc_keep_schedule_fraction"])
         kept = num_kept(visual, ratio) if options["vtc"] else visual
+        if kept < visual:  # the mode isolator's soft tokens open each compressed image's kept tokens
+            kept += options["vtc_mode_isolator"]
         layers = num_layers
         if options["lds"]:
             layers -= sum(

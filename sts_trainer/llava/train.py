@@ -41,6 +41,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 from ..architectures import find_parts
 from ..arguments import STSTrainingArguments
 from ..stage import find_named_parts
+from ..token_compression import find_isolator
 from ..trainer import STSTrainer
 from .data import (
     CHAT_TEMPLATE,
@@ -255,6 +256,8 @@ class LlavaTrainer(STSTrainer):
             return super().create_optimizer(model)
         model = self.model if model is None else model
         projector = {id(p) for p in model_parts(model, self.args).projector.parameters()}
+        if (isolator := find_isolator(model)) is not None:  # the mode isolator trains with the projector
+            projector.add(id(isolator.tokens))
         decay = set(self.get_decay_parameter_names(model))
         groups = {}
         for name, param in model.named_parameters():

@@ -112,6 +112,7 @@ def main():
     parser.add_argument("--sts_vtc", default="auto")
     parser.add_argument("--vtc_keep_ratio", type=float, default=0.5)
     parser.add_argument("--vtc_full_token_fraction", type=float, default=0.0)
+    parser.add_argument("--vtc_mode_isolator", type=int, default=0)
     parser.add_argument("--stage", default="instruction", choices=["alignment", "instruction"])
     parser.add_argument("--text_only_rank", type=int, default=-1)  # this rank's batches have no image
     parser.add_argument("--sts_blank_image", default="auto")
@@ -177,6 +178,7 @@ def main():
         sts_vtc=cli.sts_vtc,
         vtc_keep_ratio=cli.vtc_keep_ratio,
         vtc_full_token_fraction=cli.vtc_full_token_fraction,
+        vtc_mode_isolator=cli.vtc_mode_isolator,
     )
     samples = synthetic_samples(64, tiny_llava_config(), (1,), seed=0)
     if cli.text_only_rank >= 0:
