@@ -199,7 +199,7 @@ class STSMixin:
         if not size:
             return None
         folder = resume_from_checkpoint or getattr(getattr(model, "config", None), "_name_or_path", None)
-        tokens = load_isolator(folder) if folder and os.path.isdir(folder) else None
+        tokens = load_isolator(folder)  # None for a folder without the file, a hub id or no folder
         if tokens is not None:
             logger.info(f"STS: the mode isolator starts from {os.path.join(folder, ISOLATOR_FILE)}.")
         return tokens

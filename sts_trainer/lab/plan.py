@@ -194,8 +194,8 @@ def price_stage(config, shape: TrainingStep, samples: int, steps: int, options: 
     except on full-token steps (an expected fraction `vtc_full_token_fraction` of the steps), which keep all and,
     with self-distillation, add a forward (no backward) of the pruned sequence; LDS runs sum_l (1 - p_l(e)) decoder
     layers. FLOPs are linear in the number of executed layers, so pricing each kept count at the mean of its steps'
-    executed layers is exact. With
-    lds_progress='lr_mass', the decay follows `lr_schedule` (the scheduler's name, its warm-up fraction)."""
+    executed layers is exact. With lds_progress='lr_mass', the decay follows `lr_schedule` (the scheduler's name, its
+    warm-up fraction)."""
     num_layers = config.get_text_config().num_hidden_layers
     visual = shape.visual_tokens_per_image
     full = options["vtc_full_token_fraction"] if options["vtc"] else 0.0
