@@ -193,6 +193,71 @@ def test_the_interval_is_crossed_seeds_that_answer_alike_add_no_information():
     assert (five[2] - five[1]) == pytest.approx(one[2] - one[1], rel=0.15)
 
 
+def test_the_interval_resamples_foundation_pairs_then_seeds():
+    """With several foundation pairs the rows are pairs' seeds, pair-major. Pairs and seeds that answer alike are
+    worth one run (the interval is one run's); pairs that disagree widen it beyond what the same rows read as seeds
+    of one pair give, since a resample may draw the same pair three times."""
+    rng = np.random.default_rng(2)
+    base = (rng.random((2, 400)) < 0.6).astype(float)
+    variant = base * (rng.random((2, 400)) < 0.9)
+    one = experiment.retention_interval(variant[:1], base[:1], 2000)
+    alike = experiment.retention_interval(np.tile(variant[0], (6, 1)), np.tile(base[0], (6, 1)), 2000, pairs=3)
+    assert alike[0] == pytest.approx(one[0])
+    assert (alike[2] - alike[1]) == pytest.approx(one[2] - one[1], rel=0.15)
+    # pair 2 keeps everything, pair 0 loses a fifth of its correct answers: the pairs disagree
+    pairs = [base * (rng.random((2, 400)) < keep) for keep in (0.8, 0.9, 1.0)]
+    variant6, base6 = np.concatenate(pairs), np.tile(base, (3, 1))
+    flat = experiment.retention_interval(variant6, base6, 2000)
+    crossed = experiment.retention_interval(variant6, base6, 2000, pairs=3)
+    assert crossed[0] == pytest.approx(flat[0])
+    assert crossed[2] - crossed[1] > 1.3 * (flat[2] - flat[1])
+    with pytest.raises(ValueError, match="3 foundation pairs"):
+        experiment.retention_interval(variant6[:5], base6[:5], 10, pairs=3)
+
+
+def test_foundation_pairs_cross_the_seeds(quick, tmp_path, monkeypatch):
+    """--foundation_seeds 2: pair 1 is the recipe pretrained with seed 1, trains seed 0 on pair 0's data under
+    pair1/, and every row has each pair's retention; pair 0's runs are found, not retrained."""
+    import shutil
+
+    out, argv, _ = quick
+    cache = argv[argv.index("--foundation_cache") + 1]  # an argument of the folder's runs
+    folder = tmp_path / "acc"
+    shutil.copytree(out, folder)
+    built = []
+    real = foundation.build_foundation
+    monkeypatch.setattr(experiment, "build_foundation", lambda recipe, cache: built.append(recipe) or real(recipe, cache))
+    before = (folder / "seed0" / "stage2" / "baseline" / "result.json").stat().st_mtime_ns
+    result = experiment.main(["--quick", "--output_dir", str(folder), "--foundation_cache", cache,
+                              "--foundation_seeds", "2", "--variants", "VTC uniform 0.5"])
+    assert [r.seed for r in built] == [0, 1] and built[1] == foundation.replace(foundation.QUICK_RECIPE, seed=1)
+    assert (folder / "seed0" / "stage2" / "baseline" / "result.json").stat().st_mtime_ns == before
+    assert sorted(os.listdir(folder / "pair1" / "seed0" / "stage2")) == sorted(
+        os.path.basename(experiment.stage2_folder("", v)) for v in experiment.VARIANTS
+        if v.name in ("baseline", "VTC uniform 0.5"))
+    assert not (folder / "pair1" / "seed0" / "data").exists()  # the pairs train on the same data
+    assert set(result["runs"]) == {0, "pair1/seed0"} and len(result["per_seed"]) == 2
+    assert [p["recipe"]["seed"] for p in result["foundation_pairs"]] == [0, 1]
+    assert result["regime"].endswith(", 2 foundation pairs")
+    assert "| variant | pair 0 | pair 1 |" in (folder / "accuracy.md").read_text()
+    with pytest.raises(ValueError, match="foundation_seeds"):
+        experiment.ExperimentArguments(foundation_seeds=0)
+
+
+def test_each_row_gives_every_pairs_own_retention():
+    """Rows pair-major: pair 0's seeds, then pair 1's; each pair's retention is its own rows' ratio of means."""
+    base = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=float)
+    variant = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0]], dtype=float)
+    per_seed = [{"baseline": {"overall": b.mean()}, "VTC uniform 0.5": {"overall": v.mean()}}
+                for b, v in zip(base, variant)]
+    rows = experiment.aggregate(per_seed, {"baseline": base, "VTC uniform 0.5": variant}, 50, pairs=2)
+    vtc = next(row for row in rows if row["variant"] == "VTC uniform 0.5")
+    assert vtc["per_pair_retention"] == [pytest.approx(6 / 7), pytest.approx(4 / 6)]
+    assert vtc["pooled_retention"]["point"] == pytest.approx(10 / 13)
+    assert "per_pair_retention" not in experiment.aggregate(per_seed, {"baseline": base, "VTC uniform 0.5": variant},
+                                                            50)[1]
+
+
 def test_chance_adjusted_retention_and_equivalence():
     questions = [{"category": "existence", "answer": a} for a in ("yes", "no")] * 2 + [
         {"category": "ocr", "answer": w} for w in ("cat", "dog", "sun", "car")]

@@ -34,8 +34,9 @@ stage 1 share its output (baseline and LDS; VTC uniform 0.5 and STS). Dense stag
 so each resample draws seeds with replacement and one resample of the questions shared by all of them, the same
 draws for the variant and the baseline (`retention_interval`). Each row also says whether retention is within 1
 point of 100% at 95% (`equivalence`), and gives the chance-adjusted retention (accuracy above a uniform guess among
-each category's answers, over the baseline's). All seeds share one foundation pair (one pretraining seed): the
-interval does not cover the variation between pretrained pairs. **Regime axes**: `--length` (both stages' steps and
+each category's answers, over the baseline's). By default all seeds share one foundation pair (one pretraining seed),
+and the interval does not cover the variation between pretrained pairs; `--foundation_seeds N` crosses N pairs with
+the seeds (every pair trains every seed on the same data) and resamples pairs, then seeds within them. **Regime axes**: `--length` (both stages' steps and
 scenes times a factor), `--foundation deep` (a 12-layer language model at about the same FLOPs per token) and
 `--vtc_position_ids`. FLOPs saved = 1 - whole-run
 actual / whole-run dense training FLOPs (`flops.py`'s analytic count, from each stage's `sts` totals). A dense stage
@@ -192,12 +193,23 @@ class ExperimentArguments:
         metadata={"help": "A regime axis: the position ids of every VTC setting ('compact' or 'original'; see "
                           "STSTrainingArguments.vtc_position_ids).", "choices": ["compact", "original"]},
     )
+    foundation_seeds: int = field(
+        default=1,
+        metadata={"help": "Foundation pairs crossed with the seeds: the --foundation recipe pretrained with seeds 0, "
+                          "1, ... (pair 0 is the shipped one; each other pair is built on first use, about 13 min per "
+                          "pair on 2 CPU cores at 4 layers, then cached). Every pair trains every seed on the same "
+                          "data; pair k's runs go under <output_dir>/pair<k>/ (pair 0's where a one-pair experiment "
+                          "keeps them), and the interval resamples pairs, then seeds within them."},
+    )
     foundation_cache: str = field(default=DEFAULT_CACHE, metadata={"help": "Where the pretrained toy foundation "
                                                                            "models are cached (built when missing)."})
 
     def __post_init__(self):
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}.")
+        if self.foundation_seeds < 1:
+            raise ValueError(f"foundation_seeds must be >= 1 (the number of foundation pairs), got "
+                             f"{self.foundation_seeds}.")
         if min(self.train_samples, self.test_samples, self.alignment_steps, self.instruction_steps,
                self.batch_size, self.bootstrap) < 1:
             raise ValueError("train_samples, test_samples, alignment_steps, instruction_steps, batch_size and "
@@ -227,11 +239,13 @@ class ExperimentArguments:
     def regime(self, lm_layers: int) -> str:
         return (f"{self.length:g}x, {lm_layers} layers"
                 + (", no fixed layout" if EXPERIMENT_RECIPES[self.foundation].scene_text == "patch_words_varied" else "")
-                + (", original positions" if self.vtc_position_ids == "original" else ""))
+                + (", original positions" if self.vtc_position_ids == "original" else "")
+                + (f", {self.foundation_seeds} foundation pairs" if self.foundation_seeds > 1 else ""))
 
     def defining(self) -> dict:
         """The arguments a run's result depends on: a folder's runs are only reused under the same ones."""
-        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "seeds", "variants", "bootstrap")}
+        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "seeds", "foundation_seeds", "variants",
+                                                                "bootstrap")}
 
 
 QUICK = dict(seeds=1, train_samples=24, test_samples=12, alignment_steps=2, instruction_steps=2, batch_size=4,
@@ -284,11 +298,19 @@ def _done(path: str) -> dict | None:
     return None
 
 
-def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], test: dict[str, str]) -> dict[str, dict]:
-    """Train (or find, when already trained) every variant for `seed`; per variant its two stage summaries, held-out
-    scores and per-question correctness."""
-    root = os.path.join(exp.output_dir, f"seed{seed}")
-    data_dir = os.path.join(root, "data")
+def pair_folder(output_dir: str, pair: int) -> str:
+    """Where foundation pair `pair`'s runs go: pair 0's in the folder itself (where a one-pair experiment keeps them),
+    pair k's under `pair<k>/`."""
+    return output_dir if pair == 0 else os.path.join(output_dir, f"pair{pair}")
+
+
+def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], test: dict[str, str],
+             pair: int = 0) -> dict[str, dict]:
+    """Train (or find, when already trained) every variant for `seed` on foundation pair `pair`; per variant its two
+    stage summaries, held-out scores and per-question correctness. Every pair trains a seed on the same data."""
+    root = os.path.join(pair_folder(exp.output_dir, pair), f"seed{seed}")
+    data_dir = os.path.join(exp.output_dir, f"seed{seed}", "data")
+    tag = f"seed {seed}" if pair == 0 else f"pair {pair}, seed {seed}"
     image_size = foundation["image_size"]
     data = {}
 
@@ -304,11 +326,11 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
               **model_args) -> dict:
         summary = _done(os.path.join(output_dir, "sts_train_summary.json"))
         if summary is not None:
-            print(f"== seed {seed}: {stage} {key}: done before, reused ==", flush=True)
+            print(f"== {tag}: {stage} {key}: done before, reused ==", flush=True)
             return summary
         kind = "alignment" if stage == "stage1" else "instruction"
         files = dataset(kind)
-        print(f"\n== seed {seed}: {stage} {key} ==", flush=True)
+        print(f"\n== {tag}: {stage} {key} ==", flush=True)
         return run(
             ModelArguments(**model_args, training_stage=kind),
             DataArguments(data_path=files["data_path"], image_folder=files["image_folder"]),
@@ -351,7 +373,7 @@ def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], te
             with open(os.path.join(output_dir, "result.json"), "w") as f:
                 json.dump(result, f, indent=1)
         else:
-            print(f"== seed {seed}: stage2 {variant.name}: done before, reused ==", flush=True)
+            print(f"== {tag}: stage2 {variant.name}: done before, reused ==", flush=True)
         if variant.stage1 != "skipped" and not variant.budget_of:
             aligned(variant.stage1)  # a reused stage 2 still reports its stage 1 (found, not retrained)
         results[variant.name] = {
@@ -469,7 +491,8 @@ def chance_per_question(questions: list[dict]) -> np.ndarray:
 
 
 def retention_interval(correct: np.ndarray, baseline: np.ndarray, resamples: int, seed: int = 0,
-                       level: float = 0.95, chance: np.ndarray | None = None) -> tuple[float, float, float]:
+                       level: float = 0.95, chance: np.ndarray | None = None,
+                       pairs: int = 1) -> tuple[float, float, float]:
     """Pooled retention (mean accuracy / the baseline's) and its paired bootstrap interval over seeds and questions;
     with `chance` (per question, `chance_per_question`), the chance-adjusted retention (accuracy above chance / the
     baseline's accuracy above chance) instead.
@@ -479,9 +502,16 @@ def retention_interval(correct: np.ndarray, baseline: np.ndarray, resamples: int
     replacement and *one* resample of the questions, shared by every drawn seed (and by the variant and the baseline).
     Drawing the questions afresh per seed would treat each seed's questions as new ones and give intervals about a
     quarter too narrow.
+
+    With `pairs` > 1 the rows are that many foundation pairs' seeds, pair-major (pair 0's seeds, then pair 1's, ...,
+    the same number each), and the resample is hierarchical: pairs with replacement, then seeds with replacement
+    within each drawn pair, so the interval covers the variation between pretrained pairs too.
     """
     if correct.shape != baseline.shape:
         raise ValueError(f"Paired arrays differ in shape: {correct.shape} and {baseline.shape}.")
+    if pairs < 1 or correct.shape[0] % pairs:
+        raise ValueError(f"{correct.shape[0]} rows cannot be {pairs} foundation pairs with the same number of seeds "
+                         "each.")
     if not baseline.any():
         raise ValueError("The baseline answered no question correctly: retention is undefined.")
     n_seeds, n_questions = correct.shape
@@ -490,7 +520,12 @@ def retention_interval(correct: np.ndarray, baseline: np.ndarray, resamples: int
     ratios = []
     for start in range(0, resamples, 100):  # in chunks, to bound memory at 100 x seeds x questions indices
         count = min(100, resamples - start)
-        seeds = rng.integers(0, n_seeds, (count, n_seeds, 1))
+        if pairs == 1:
+            seeds = rng.integers(0, n_seeds, (count, n_seeds, 1))
+        else:  # rows of the drawn pairs' drawn seeds
+            per_pair = n_seeds // pairs
+            drawn = rng.integers(0, pairs, (count, pairs, 1))
+            seeds = (drawn * per_pair + rng.integers(0, per_pair, (count, pairs, per_pair))).reshape(count, n_seeds, 1)
         questions = rng.integers(0, n_questions, (count, 1, n_questions))  # one draw for every seed
         floor = chance[questions[:, 0]].mean(axis=1)
         kept = correct[seeds, questions].mean(axis=(1, 2)) - floor
@@ -516,10 +551,12 @@ def equivalence(low: float, high: float, margin: float = EQUIVALENCE_MARGIN) -> 
 
 
 def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], resamples: int,
-              chance: np.ndarray | None = None) -> list[dict]:
+              chance: np.ndarray | None = None, pairs: int = 1) -> list[dict]:
     """One row per variant: every metric's mean, min, max and standard deviation over seeds; the pooled retention
     with its crossed bootstrap interval and what it says against 100% (`equivalence`); with `chance`, the
-    chance-adjusted retention too."""
+    chance-adjusted retention too. With `pairs` > 1, `per_seed` and the rows of `correct` are that many foundation
+    pairs' seeds, pair-major; the interval resamples pairs, then seeds (`retention_interval`), and each row gives
+    every pair's own pooled retention (`per_pair_retention`)."""
     rows = []
     for variant in (v for v in VARIANTS if v.name in per_seed[0]):
         row = {"variant": variant.name, "stage1": variant.stage1, "stage2": variant.stage2}
@@ -532,11 +569,16 @@ def aggregate(per_seed: list[dict[str, dict]], correct: dict[str, np.ndarray], r
                 }
         row["llava_plan_flops_saved"] = planned_saving(variant)
         if correct["baseline"].any():  # else retention is undefined, left out (a smoke run may score 0%)
-            point, low, high = retention_interval(correct[variant.name], correct["baseline"], resamples)
+            point, low, high = retention_interval(correct[variant.name], correct["baseline"], resamples,
+                                                  pairs=pairs)
             row["pooled_retention"] = {"point": point, "ci95": [low, high], "equivalence": equivalence(low, high)}
+            if pairs > 1:
+                row["per_pair_retention"] = [
+                    float(v.mean() / b.mean()) if b.any() else None
+                    for v, b in zip(np.split(correct[variant.name], pairs), np.split(correct["baseline"], pairs))]
             if chance is not None and correct["baseline"].mean() > chance.mean():
                 point, low, high = retention_interval(correct[variant.name], correct["baseline"], resamples,
-                                                      chance=chance)
+                                                      chance=chance, pairs=pairs)
                 row["chance_adjusted_retention"] = {"point": point, "ci95": [low, high]}
         rows.append(row)
     return rows
@@ -601,7 +643,7 @@ def markdown(rows: list[dict], profile: dict, exp: ExperimentArguments, foundati
         if key not in row:
             return ""
         v = row[key]
-        if exp.seeds == 1:
+        if exp.seeds * exp.foundation_seeds == 1:
             return format(scale * v["mean"], spec)
         return f"{scale * v['mean']:{spec}} ({scale * v['min']:{spec}}-{scale * v['max']:{spec}})"
 
@@ -642,16 +684,34 @@ def markdown(rows: list[dict], profile: dict, exp: ExperimentArguments, foundati
             cell = "" if adjusted is None else (f"{_pct(adjusted['point'])} [{_pct(adjusted['ci95'][0])}, "
                                                 f"{_pct(adjusted['ci95'][1])}]")
             lines.append(f"| {row['variant']} | {row['pooled_retention']['equivalence']} | {cell} |")
+    if exp.foundation_seeds > 1:
+        pairs = range(exp.foundation_seeds)
+        lines += [
+            "",
+            f"Per foundation pair (pretraining seed; retention pooled over that pair's {exp.seeds} seed(s)):",
+            "",
+            "| variant | " + " | ".join(f"pair {p}" for p in pairs) + " |",
+            "|---|" + "---:|" * exp.foundation_seeds,
+        ]
+        for row in rows:
+            if "per_pair_retention" in row:
+                lines.append(f"| {row['variant']} | "
+                             + " | ".join("" if v is None else _pct(v) for v in row["per_pair_retention"]) + " |")
     headers = [*CATEGORIES, "overall", "retention [95% CI]", "FLOPs saved", "wall-clock saved"]
     lines += [
         "",
-        f"Machine: {machine}. Recipe: {exp.seeds} seed(s); {exp.scaled('train_samples')} training scenes per stage "
+        f"Machine: {machine}. Recipe: {exp.seeds} seed(s)"
+        + (f" on each of {exp.foundation_seeds} foundation pairs (pretraining seeds)" if exp.foundation_seeds > 1
+           else "")
+        + f"; {exp.scaled('train_samples')} training scenes per stage "
         f"and seed; {exp.scaled('alignment_steps')} alignment + {exp.scaled('instruction_steps')} instruction steps "
         f"of batch {exp.batch_size}; a "
         f"{foundation['lm_layers']}-layer, {foundation['lm_hidden_size']}-wide pretrained language model; "
         f"{foundation['visual_tokens']} visual tokens per image; {exp.test_samples} held-out questions. "
         "Numbers in %. Categories: mean over seeds; overall, FLOPs and wall-clock saved: mean over seeds (min-max); "
-        "retention: pooled over seeds, with its crossed bootstrap 95% interval over seeds and questions. FLOPs and "
+        "retention: pooled over seeds, with its crossed bootstrap 95% interval over "
+        + ("foundation pairs, seeds within them" if exp.foundation_seeds > 1 else "seeds")
+        + " and questions. FLOPs and "
         "wall-clock saved cover the whole run (both stages) against the baseline.",
         "",
         "| variant | " + " | ".join(headers) + " |",
@@ -732,34 +792,41 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
     recipe = QUICK_RECIPE if exp.quick else EXPERIMENT_RECIPES[exp.foundation]
-    foundation = build_foundation(recipe, exp.foundation_cache) | asdict(recipe) | {
-        "visual_tokens": recipe.visual_tokens}
-    print(f"Foundation models (recipe {recipe.key()}): {os.path.dirname(foundation['report'])}", flush=True)
-    # one held-out set for every seed and variant: the test split never shares a scene with a training split
+    # one held-out set for every pair, seed and variant: the test split never shares a scene with a training split
     test = write_dataset(os.path.join(exp.output_dir, "test"), exp.test_samples, "test", 0, "instruction",
                          recipe.image_size)
-    per_seed, references, raw = [], [], {}
+    per_seed, references, raw, reports = [], [], {}, []
     correct = {name: [] for name in exp.chosen()}
-    for seed in range(exp.seeds):
-        results = run_seed(exp, seed, foundation, test)
-        metrics, reference = seed_metrics(results)
-        per_seed.append(metrics)
-        references.append(reference)
-        raw[seed] = results
-        for name, r in results.items():
-            correct[name].append(r["correct"])
-        print(f"seed {seed} done after {time.perf_counter() - start:.0f} s: "
-              + ", ".join(f"{name} {100 * m['overall']:.1f}%" for name, m in metrics.items()), flush=True)
+    for pair in range(exp.foundation_seeds):  # pair-major, as `aggregate` reads the rows
+        pair_recipe = replace(recipe, seed=recipe.seed + pair)
+        pair_foundation = build_foundation(pair_recipe, exp.foundation_cache) | asdict(pair_recipe) | {
+            "visual_tokens": pair_recipe.visual_tokens}
+        if pair == 0:
+            foundation = pair_foundation  # pair 0's describes the testbed
+        print(f"Foundation models{f' of pair {pair}' if exp.foundation_seeds > 1 else ''} (recipe "
+              f"{pair_recipe.key()}): {os.path.dirname(pair_foundation['report'])}", flush=True)
+        with open(pair_foundation["report"]) as f:
+            reports.append(json.load(f))
+        for seed in range(exp.seeds):
+            results = run_seed(exp, seed, pair_foundation, test, pair)
+            metrics, reference = seed_metrics(results)
+            per_seed.append(metrics)
+            references.append(reference)
+            raw[seed if pair == 0 else f"pair{pair}/seed{seed}"] = results
+            for name, r in results.items():
+                correct[name].append(r["correct"])
+            print(f"{'' if pair == 0 else f'pair {pair}, '}seed {seed} done after "
+                  f"{time.perf_counter() - start:.0f} s: "
+                  + ", ".join(f"{name} {100 * m['overall']:.1f}%" for name, m in metrics.items()), flush=True)
     rows = aggregate(per_seed, {k: np.array(v, dtype=float) for k, v in correct.items()}, exp.bootstrap,
-                     chance_per_question(read_questions(test["questions_path"])))
+                     chance_per_question(read_questions(test["questions_path"])), exp.foundation_seeds)
     processor = AutoProcessor.from_pretrained(foundation["processor"])
     profile = token_profile(exp, foundation, references, processor)
     machine = machine_description()
     table = markdown(rows, profile, exp, foundation, machine)
-    with open(foundation["report"]) as f:
-        foundation_report = json.load(f)
     output = {
-        "arguments": asdict(exp), "regime": exp.regime(foundation["lm_layers"]), "foundation": foundation_report,
+        "arguments": asdict(exp), "regime": exp.regime(foundation["lm_layers"]), "foundation": reports[0],
+        "foundation_pairs": reports,
         "machine": machine,
         "seconds": time.perf_counter() - start, "rows": rows, "per_seed": per_seed, "references": references,
         "token_profile": profile, "runs": raw,

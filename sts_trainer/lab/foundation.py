@@ -476,7 +476,8 @@ def build_foundation(recipe: FoundationRecipe = FoundationRecipe(), cache_dir: s
     }
     if os.path.exists(paths["report"]):
         return paths
-    name = next((n for n, r in EXPERIMENT_RECIPES.items() if r == recipe), None)
+    # a named recipe under another pretraining seed takes as long as the named one
+    name = next((n for n, r in EXPERIMENT_RECIPES.items() if replace(r, seed=recipe.seed) == recipe), None)
     estimate = f"about {BUILD_MINUTES[name]:g} min on 2 CPU cores" if name else "minutes to an hour, by its size"
     print(f"Building the toy foundation models of recipe {recipe.key()} ({estimate}; cached under {cache_dir} "
           "after) ...", flush=True)
