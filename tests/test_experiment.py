@@ -226,7 +226,8 @@ def test_foundation_pairs_cross_the_seeds(quick, tmp_path, monkeypatch):
     shutil.copytree(out, folder)
     built = []
     real = foundation.build_foundation
-    monkeypatch.setattr(experiment, "build_foundation", lambda recipe, cache: built.append(recipe) or real(recipe, cache))
+    monkeypatch.setattr(experiment, "build_foundation",
+                        lambda recipe, cache: built.append(recipe) or real(recipe, cache))
     before = (folder / "seed0" / "stage2" / "baseline" / "result.json").stat().st_mtime_ns
     result = experiment.main(["--quick", "--output_dir", str(folder), "--foundation_cache", cache,
                               "--foundation_seeds", "2", "--variants", "VTC uniform 0.5"])

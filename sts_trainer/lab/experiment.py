@@ -36,9 +36,9 @@ draws for the variant and the baseline (`retention_interval`). Each row also say
 point of 100% at 95% (`equivalence`), and gives the chance-adjusted retention (accuracy above a uniform guess among
 each category's answers, over the baseline's). By default all seeds share one foundation pair (one pretraining seed),
 and the interval does not cover the variation between pretrained pairs; `--foundation_seeds N` crosses N pairs with
-the seeds (every pair trains every seed on the same data) and resamples pairs, then seeds within them. **Regime axes**: `--length` (both stages' steps and
-scenes times a factor), `--foundation deep` (a 12-layer language model at about the same FLOPs per token) and
-`--vtc_position_ids`. FLOPs saved = 1 - whole-run
+the seeds (every pair trains every seed on the same data) and resamples pairs, then seeds within them. **Regime
+axes**: `--length` (both stages' steps and scenes times a factor), `--foundation deep` (a 12-layer language model at
+about the same FLOPs per token) and `--vtc_position_ids`. FLOPs saved = 1 - whole-run
 actual / whole-run dense training FLOPs (`flops.py`'s analytic count, from each stage's `sts` totals). A dense stage
 keeps no ledger, but it trains on exactly the micro-batches that the sparse runs of the same seed and stage count as
 their `dense_flops`, so that count is the baseline's FLOPs; the experiment warns if the runs of a stage disagree on
@@ -244,8 +244,8 @@ class ExperimentArguments:
 
     def defining(self) -> dict:
         """The arguments a run's result depends on: a folder's runs are only reused under the same ones."""
-        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "seeds", "foundation_seeds", "variants",
-                                                                "bootstrap")}
+        free = ("output_dir", "seeds", "foundation_seeds", "variants", "bootstrap")  # more of them resume a folder
+        return {k: v for k, v in asdict(self).items() if k not in free}
 
 
 QUICK = dict(seeds=1, train_samples=24, test_samples=12, alignment_steps=2, instruction_steps=2, batch_size=4,
