@@ -196,7 +196,7 @@ class ExperimentArguments:
     foundation_seeds: int = field(
         default=1,
         metadata={"help": "Foundation pairs crossed with the seeds: the --foundation recipe pretrained with seeds 0, "
-                          "1, ... (pair 0 is the shipped one; each other pair is built on first use, about 13 min per "
+                          "1, ... (pair 0 is the shipped one; each other pair is built on first use, 13 to 25 min per "
                           "pair on 2 CPU cores at 4 layers, then cached). Every pair trains every seed on the same "
                           "data; pair k's runs go under <output_dir>/pair<k>/ (pair 0's where a one-pair experiment "
                           "keeps them), and the interval resamples pairs, then seeds within them."},
