@@ -304,13 +304,18 @@ def pair_folder(output_dir: str, pair: int) -> str:
     return output_dir if pair == 0 else os.path.join(output_dir, f"pair{pair}")
 
 
+def run_name(pair: int, seed: int) -> str:
+    """How the progress lines name a run: 'seed 1', or 'pair 2, seed 1' beyond pair 0."""
+    return f"seed {seed}" if pair == 0 else f"pair {pair}, seed {seed}"
+
+
 def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], test: dict[str, str],
              pair: int = 0) -> dict[str, dict]:
     """Train (or find, when already trained) every variant for `seed` on foundation pair `pair`; per variant its two
     stage summaries, held-out scores and per-question correctness. Every pair trains a seed on the same data."""
     root = os.path.join(pair_folder(exp.output_dir, pair), f"seed{seed}")
     data_dir = os.path.join(exp.output_dir, f"seed{seed}", "data")
-    tag = f"seed {seed}" if pair == 0 else f"pair {pair}, seed {seed}"
+    tag = run_name(pair, seed)
     image_size = foundation["image_size"]
     data = {}
 
@@ -815,8 +820,7 @@ def main(argv: list[str] | None = None) -> dict:
             raw[seed if pair == 0 else f"pair{pair}/seed{seed}"] = results
             for name, r in results.items():
                 correct[name].append(r["correct"])
-            print(f"{'' if pair == 0 else f'pair {pair}, '}seed {seed} done after "
-                  f"{time.perf_counter() - start:.0f} s: "
+            print(f"{run_name(pair, seed)} done after {time.perf_counter() - start:.0f} s: "
                   + ", ".join(f"{name} {100 * m['overall']:.1f}%" for name, m in metrics.items()), flush=True)
     rows = aggregate(per_seed, {k: np.array(v, dtype=float) for k, v in correct.items()}, exp.bootstrap,
                      chance_per_question(read_questions(test["questions_path"])), exp.foundation_seeds)
