@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sts_trainer.lab import experiment, foundation
+from sts_trainer.lab import experiment, figures, foundation
 from sts_trainer.lab.synthetic import CATEGORIES
 
 
@@ -30,10 +30,10 @@ def test_quick_experiment_writes_every_variant(quick):
     out, _, result = quick
     names = [row["variant"] for row in result["rows"]]
     assert names == [v.name for v in experiment.VARIANTS]
-    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 33
+    assert names[0] == "baseline" and names[-1] == "no alignment (control)" and len(names) == 34
     assert "VTC-I uniform 0.1 + full 0.1 + LDS (after VTC uniform 0.5)" in names
     assert {"STS with pool (VTC pool 0.5 + LDS)", "LDS lr_mass", "VTC uniform 0.5 original positions",
-            "LDS redundancy", "STS redundancy (VTC uniform 0.5 + LDS redundancy)"} <= set(names)
+            "STS lr_mass original positions (VTC uniform 0.5 original positions + LDS lr_mass)", "LDS redundancy", "STS redundancy (VTC uniform 0.5 + LDS redundancy)"} <= set(names)
     for strategy in ("uniform", "random", "instruction", "pool"):
         assert f"VTC {strategy} 0.5" in names and f"VTC {strategy} 0.25" in names
     saved = json.loads((out / "accuracy.json").read_text())
@@ -52,6 +52,14 @@ def test_quick_experiment_writes_every_variant(quick):
         assert "[" in sts_line
         assert "| STS defaults | " in table and "| sts_plus | " in table  # the summary's names of the recipes
     assert set(experiment.SUMMARY_NAMES) <= set(names)
+    # the summary table reads back (python -m sts_trainer.lab.figures --summary): a row per retention, same numbers
+    summary = figures.read_summary(str(out / "accuracy.md"))
+    with_retention = [row for row in result["rows"] if "pooled_retention" in row]
+    assert [row["variant"] for row in summary] == [experiment.SUMMARY_NAMES.get(row["variant"], row["variant"])
+                                                   for row in with_retention]
+    for read, row in zip(summary, with_retention):
+        assert read["retention"] == pytest.approx(100 * row["pooled_retention"]["point"], abs=0.051)
+        assert read["low"] == pytest.approx(100 * row["pooled_retention"]["ci95"][0], abs=0.051)
 
 
 def test_quick_experiment_columns_and_references(quick):
