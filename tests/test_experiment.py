@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sts_trainer.lab import experiment, figures, foundation
+from sts_trainer.lab import experiment, figures, foundation, paired
 from sts_trainer.lab.synthetic import CATEGORIES
 
 
@@ -60,6 +60,10 @@ def test_quick_experiment_writes_every_variant(quick):
     for read, row in zip(summary, with_retention):
         assert read["retention"] == pytest.approx(100 * row["pooled_retention"]["point"], abs=0.051)
         assert read["low"] == pytest.approx(100 * row["pooled_retention"]["ci95"][0], abs=0.051)
+    # a paired ratio over the baseline (python -m sts_trainer.lab.paired) is the row's retention, interval and all
+    for row in with_retention:
+        ratio = paired.paired_ratio(saved, row["variant"], "baseline")
+        assert ratio == pytest.approx((row["pooled_retention"]["point"], *row["pooled_retention"]["ci95"]))
 
 
 def test_quick_experiment_columns_and_references(quick):
