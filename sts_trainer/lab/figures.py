@@ -184,7 +184,7 @@ def plot_axes(points: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     colours = {variant: f"C{i}" for i, variant in enumerate(points)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 7), sharey=True)
     panels = ((axes[0], length, "{:g} layers", "training length (times the 1x recipe's steps and scenes)",
                "Length alone"),
               (axes[1], depth, "{:g}x", "language-model layers", "Depth alone"))
@@ -204,8 +204,8 @@ def plot_axes(points: dict, path: str) -> None:
         ax.axhline(99, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(xlabel)
         ax.set_title(title)
-        if curves:
-            ax.legend(fontsize=7, loc="lower left")
+        if curves:  # below the panel, where it hides no interval
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1)
     axes[0].set_ylabel("retention of dense accuracy (%), 95% interval")
     fig.suptitle("Each regime axis alone (miniature LLaVA)")
     fig.tight_layout()
