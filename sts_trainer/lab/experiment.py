@@ -314,6 +314,12 @@ def run_name(pair: int, seed: int) -> str:
     return f"seed {seed}" if pair == 0 else f"pair {pair}, seed {seed}"
 
 
+def run_key(pair: int, seed: int) -> int | str:
+    """A run's key in the output's `runs`: the seed for pair 0 (as earlier outputs have it), 'pair<k>/seed<s>' beyond;
+    accuracy.json holds it as a string."""
+    return seed if pair == 0 else f"pair{pair}/seed{seed}"
+
+
 def run_seed(exp: ExperimentArguments, seed: int, foundation: dict[str, str], test: dict[str, str],
              pair: int = 0) -> dict[str, dict]:
     """Train (or find, when already trained) every variant for `seed` on foundation pair `pair`; per variant its two
@@ -822,7 +828,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics, reference = seed_metrics(results)
             per_seed.append(metrics)
             references.append(reference)
-            raw[seed if pair == 0 else f"pair{pair}/seed{seed}"] = results
+            raw[run_key(pair, seed)] = results
             for name, r in results.items():
                 correct[name].append(r["correct"])
             print(f"{run_name(pair, seed)} done after {time.perf_counter() - start:.0f} s: "

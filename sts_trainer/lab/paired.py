@@ -17,13 +17,13 @@ import os
 
 import numpy as np
 
-from .experiment import retention_interval
+from .experiment import retention_interval, run_key
 
 
 def run_keys(arguments: dict) -> list[str]:
     """The keys of `accuracy.json`'s runs in the experiment's row order: pair 0's seeds, then pair 1's, ..."""
     seeds, pairs = arguments["seeds"], arguments.get("foundation_seeds", 1)
-    return [str(seed) if pair == 0 else f"pair{pair}/seed{seed}" for pair in range(pairs) for seed in range(seeds)]
+    return [str(run_key(pair, seed)) for pair in range(pairs) for seed in range(seeds)]
 
 
 def answers(results: dict, variant: str) -> np.ndarray:
